@@ -1,0 +1,167 @@
+"""Flags of `python -m esp_tf.train` and their conversion into the library's config objects.
+
+Only the command-line layer (train.py, tools/) imports this module; library functions take
+explicit arguments. Every default carries its reason.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+PHASES = ("experts", "condense", "evaluate", "export")
+
+# -- data & model ------------------------------------------------------------------------
+flags.DEFINE_string("dataset", "fashion_mnist_mini", "TFDS dataset name (embedded default needs no download).")
+flags.DEFINE_string("data_dir", None, "TFDS data_dir holding prepared datasets (default: TFDS's own).")
+flags.DEFINE_string("workdir", None, "Output directory of this run (flags, checkpoints, metrics, exports).")
+flags.DEFINE_string("experts_dir", None, "Trajectory store; default <workdir>/experts. Share it across runs.")
+flags.DEFINE_string("model", "convnet3", "Student/expert network (models.ARCHS).")
+flags.DEFINE_integer("width", 128, "ConvNet width (128 in the field's ConvNet-3).")
+flags.DEFINE_integer("depth", 3, "ConvNet depth (3 in the field's ConvNet-3).")
+flags.DEFINE_list("phases", list(PHASES), "Phases to run, in this order: " + ",".join(PHASES))
+flags.DEFINE_integer("seed", 0, "Run seed; every random draw derives from it.")
+
+# -- experts (MTT's buffer recipe) -------------------------------------------------------
+flags.DEFINE_integer("num_experts", 100, "Expert trajectories to train (MTT 100, ESP paper 1000).")
+flags.DEFINE_integer("expert_epochs", 50, "Epochs per expert; snapshots = epochs + 1.")
+flags.DEFINE_float("expert_lr", 0.01, "Expert SGD learning rate (constant, no momentum).")
+flags.DEFINE_integer("expert_batch", 256, "Expert batch size.")
+flags.DEFINE_bool("expert_dsa", True, "DSA augmentation while training experts (MTT: on).")
+
+# -- ESP condensation --------------------------------------------------------------------
+flags.DEFINE_enum("method", "esp", ["esp"], "Condensation method.")
+flags.DEFINE_enum("param", "pixels", ["pixels"], "Synthetic-set parameterisation.")
+flags.DEFINE_integer("ipc", 1, "Images per class of the condensed set (the storage budget).")
+flags.DEFINE_enum("init", "real", ["real", "gaussian"], "Synthetic init: real images or Gaussian noise (paper).")
+flags.DEFINE_integer("iterations", 1000, "Outer iterations; each picks a new expert segment.")
+flags.DEFINE_integer("inner_steps", 10, "N: projected student steps (= synthetic updates) per iteration.")
+flags.DEFINE_integer("segment_length", 2, "T: expert epochs spanned by one subspace (T+1 snapshots).")
+flags.DEFINE_integer("max_start_epoch", 20, "Segments start at an epoch drawn from 0..this.")
+flags.DEFINE_float("beta", 1e-5, "Weight of the projection loss (paper 4.2).")
+flags.DEFINE_float("inner_lr", 0.1, "Projected-SGD student learning rate (paper 4.2).")
+flags.DEFINE_list("losses", ["proj", "dm"], "Outer losses: proj, dm or both (paper Table 4).")
+flags.DEFINE_integer("real_per_class", 256, "Real images per class in each DM term (DM default 256).")
+flags.DEFINE_float("lr_pixels", 0.01, "Adam learning rate of synthetic pixels (normalised units).")
+flags.DEFINE_enum("lr_schedule", "linear", ["linear", "constant"], "Synthetic lr schedule (paper: linear decay).")
+flags.DEFINE_bool("dsa", True, "Differentiable Siamese augmentation during condensation.")
+flags.DEFINE_bool("jit_compile", False, "XLA-compile the ESP step (recommended on GPU).")
+flags.DEFINE_integer("ckpt_every", 50, "Checkpoint the synthetic set every this many iterations.")
+flags.DEFINE_integer("log_every", 10, "Log metrics every this many iterations.")
+
+# -- evaluation (standard protocol) -----------------------------------------------------
+flags.DEFINE_string("eval_arch", "convnet3", "Architecture trained on the condensed set.")
+flags.DEFINE_integer("eval_epochs", 1000, "Training epochs per evaluation run (lr x0.1 at half).")
+flags.DEFINE_integer("eval_runs", 5, "Evaluation runs (seeds); mean +- std reported.")
+flags.DEFINE_integer("eval_batch", 256, "Evaluation batch size.")
+flags.DEFINE_float("eval_lr", 0.01, "Evaluation SGD learning rate (momentum 0.9, wd 5e-4).")
+flags.DEFINE_bool("eval_dsa", True, "DSA during evaluation training (off loses several points).")
+flags.DEFINE_list("baselines", ["random"], "Real-subset baselines evaluated beside ESP: random.")
+
+flags.DEFINE_bool("restart", False, "Discard the results already in --workdir (experts are kept).")
+
+# -- export ------------------------------------------------------------------------------
+flags.DEFINE_string("export_name", None, "TFDS name of the exported set (default esp_<dataset>_ipc<k>).")
+
+
+def validate():
+    """Cross-flag checks with messages a user can act on."""
+    errors = []
+    if not FLAGS.workdir:
+        errors.append("--workdir is required")
+    bad = [p for p in FLAGS.phases if p not in PHASES]
+    if bad:
+        errors.append(f"--phases: unknown {bad}; choose from {','.join(PHASES)}")
+    bad = [l for l in FLAGS.losses if l not in ("proj", "dm")]
+    if bad or not FLAGS.losses:
+        errors.append(f"--losses: {FLAGS.losses} must be a non-empty subset of proj,dm")
+    for name in ("ipc", "iterations", "inner_steps", "segment_length", "num_experts", "expert_epochs",
+                 "eval_epochs", "eval_runs", "real_per_class", "ckpt_every", "log_every"):
+        if getattr(FLAGS, name) < 1:
+            errors.append(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+    if FLAGS.max_start_epoch < 0:
+        errors.append("--max_start_epoch must be >= 0")
+    if FLAGS.max_start_epoch + FLAGS.segment_length > FLAGS.expert_epochs:
+        errors.append(f"--max_start_epoch ({FLAGS.max_start_epoch}) + --segment_length "
+                      f"({FLAGS.segment_length}) exceeds --expert_epochs ({FLAGS.expert_epochs})")
+    bad = [b for b in FLAGS.baselines if b not in ("random",)]
+    if bad:
+        errors.append(f"--baselines: unknown {bad}; available: random")
+    return errors
+
+
+def experts_dir() -> str:
+    return FLAGS.experts_dir or os.path.join(FLAGS.workdir, "experts")
+
+
+def model_config() -> dict:
+    return {"width": FLAGS.width, "depth": FLAGS.depth, "norm": "instancenorm", "act": "relu",
+            "pool": "avgpool"}
+
+
+def _dsa(enabled: bool):
+    from esp_tf import augment
+    return augment.DSAConfig() if enabled else None
+
+
+def expert_config():
+    from esp_tf.experts import ExpertConfig
+    return ExpertConfig(epochs=FLAGS.expert_epochs, lr=FLAGS.expert_lr, batch_size=FLAGS.expert_batch,
+                        dsa=_dsa(FLAGS.expert_dsa))
+
+
+def eval_config():
+    from esp_tf.evaluate import EvalConfig
+    return EvalConfig(arch=FLAGS.eval_arch, epochs=FLAGS.eval_epochs, batch_size=FLAGS.eval_batch,
+                      lr=FLAGS.eval_lr, dsa=_dsa(FLAGS.eval_dsa))
+
+
+def condense_settings():
+    from esp_tf.condense import CondenseSettings
+    from esp_tf.esp import ESPConfig
+    esp = ESPConfig(beta=FLAGS.beta, inner_lr=FLAGS.inner_lr, losses=tuple(FLAGS.losses),
+                    real_per_class=FLAGS.real_per_class, dsa=_dsa(FLAGS.dsa))
+    return CondenseSettings(workdir=FLAGS.workdir, ipc=FLAGS.ipc, init=FLAGS.init,
+                            iterations=FLAGS.iterations, inner_steps=FLAGS.inner_steps,
+                            segment_length=FLAGS.segment_length, max_start_epoch=FLAGS.max_start_epoch,
+                            esp=esp, lr_pixels=FLAGS.lr_pixels, lr_schedule=FLAGS.lr_schedule,
+                            seed=FLAGS.seed, ckpt_every=FLAGS.ckpt_every, log_every=FLAGS.log_every,
+                            jit_compile=FLAGS.jit_compile)
+
+
+def flag_values() -> dict:
+    """This module's flags as name -> the string flags.txt records for them."""
+    out = {}
+    for f in FLAGS.get_flags_for_module(__name__):
+        text = f.serialize()
+        if text.startswith("--no") and "=" not in text and f.boolean:
+            out[f.name] = "False"
+        elif "=" in text:
+            out[f.name] = text.split("=", 1)[1]
+        else:
+            out[f.name] = "True" if text else ""
+    return out
+
+
+def flags_file_text() -> str:
+    """A flagfile that replays this run (--restart is never recorded)."""
+    lines = [f.serialize() for f in FLAGS.get_flags_for_module(__name__) if f.name != "restart"]
+    return ("# Resolved flags of this run. Replay: python -m esp_tf.train --flagfile=<this file>\n"
+            + "".join(line + "\n" for line in lines if line))
+
+
+def parse_flags_file(path: str) -> dict:
+    """Flag values recorded in a flags.txt written by flags_file_text (name -> raw string)."""
+    values = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("--no") and "=" not in line:
+                values[line[4:]] = "False"
+            elif line.startswith("--") and "=" in line:
+                name, value = line[2:].split("=", 1)
+                values[name] = value
+            elif line.startswith("--"):
+                values[line[2:]] = "True"
+    return values

@@ -1,0 +1,131 @@
+"""The condensation loop: expert segments -> subspaces -> ESP updates, with checkpoints and resume.
+
+    for it in iterations:                        # resumes at the last checkpointed iteration
+        segment = random expert k, epochs t..t+T  (in-graph, seeded by (seed, it))
+        E = qr(segment); theta = theta*_t
+        for n in 1..N: theta = esp_step(theta, E, seed(it, n))   # one synthetic update each
+
+Every random draw derives from (seed, iteration, inner step), and the checkpoint holds the
+synthetic set, Adam's state and the iteration, so a resumed run ends where an uninterrupted
+one would. Writes <workdir>/ckpt/, metrics.jsonl and synthetic.npz.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from esp_tf import data as data_lib, subspace, workdir as wd
+from esp_tf.esp import ESPConfig, ESPStep
+from esp_tf.models import FlatModel
+from esp_tf.synthetic import PixelSynthetic
+
+
+@dataclasses.dataclass(frozen=True)
+class CondenseSettings:
+    workdir: str
+    ipc: int = 1
+    init: str = "real"
+    iterations: int = 1000
+    inner_steps: int = 10
+    segment_length: int = 2
+    max_start_epoch: int = 20
+    esp: ESPConfig = ESPConfig()
+    lr_pixels: float = 0.01
+    lr_schedule: str = "linear"
+    seed: int = 0
+    ckpt_every: int = 50
+    log_every: int = 10
+    jit_compile: bool = False
+
+
+def make_synthetic(real: data_lib.RealData, s: CondenseSettings) -> PixelSynthetic:
+    init_images = None
+    if s.init == "real":
+        x, _ = data_lib.ClassBalancedSampler(real).random_subset(s.seed, s.ipc)
+        init_images = data_lib.normalize(x, real.mean, real.std).numpy()
+    return PixelSynthetic(real.num_classes, s.ipc, real.image_shape, init=s.init,
+                          real_images=init_images, seed=s.seed)
+
+
+def make_optimizers(s: CondenseSettings) -> dict:
+    total = s.iterations * s.inner_steps
+    lr = s.lr_pixels
+    if s.lr_schedule == "linear":
+        lr = keras.optimizers.schedules.PolynomialDecay(s.lr_pixels, total, 0.0, power=1.0)
+    return {"pixels": keras.optimizers.Adam(lr)}
+
+
+def _save_synthetic(path: str, images: np.ndarray, labels: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, images=images, labels=labels)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: CondenseSettings):
+    """Condenses `real` with ESP guided by `trajectories` [K, S, P]; returns (images, labels).
+
+    Images are normalised float32 [C*ipc, H, W, Ch] (what the model sees), labels int32.
+    """
+    needed = s.max_start_epoch + s.segment_length + 1
+    if trajectories.shape[1] < needed:
+        raise wd.UserError(f"trajectories have {trajectories.shape[1]} snapshots; max_start_epoch + "
+                           f"segment_length + 1 = {needed} are needed")
+    syn = make_synthetic(real, s)
+    optimizers = make_optimizers(s)
+    step = ESPStep(net, syn, optimizers, data_lib.ClassBalancedSampler(real), s.esp,
+                   jit_compile=s.jit_compile)
+    iteration = tf.Variable(0, dtype=tf.int64, name="iteration")
+    ckpt = tf.train.Checkpoint(synthetic=syn, iteration=iteration,
+                               **{f"opt_{k}": o for k, o in optimizers.items()})
+    manager = tf.train.CheckpointManager(ckpt, os.path.join(s.workdir, "ckpt"), max_to_keep=2)
+    if manager.latest_checkpoint:
+        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        wd.say(f"condense: resumed from {manager.latest_checkpoint} at iteration {int(iteration)}")
+
+    trajs = tf.constant(trajectories, tf.float32)
+
+    @tf.function
+    def subspace_for(seed):
+        segment, k, t = subspace.select_segment(trajs, seed, s.segment_length, s.max_start_epoch)
+        return segment[0], subspace.basis(segment), k, t
+
+    metrics_path = os.path.join(s.workdir, "metrics.jsonl")
+    bar = wd.Progress("condense", s.iterations, done=int(iteration))
+    sums, count, t_log = {}, 0, time.time()
+    while int(iteration) < s.iterations:
+        it = int(iteration)
+        theta, basis, k, t = subspace_for(tf.constant([s.seed, it], tf.int64))
+        for n in range(s.inner_steps):
+            theta, m = step(theta, basis, [s.seed + 1_000_003, it * s.inner_steps + n])
+            for name, v in m.items():
+                sums[name] = sums.get(name, 0.0) + v
+            count += 1
+        loss = float(m["loss"])
+        if not np.isfinite(loss):
+            raise wd.UserError(
+                f"ESP loss became {loss} at iteration {it}; the synthetic set was NOT saved past the "
+                f"last checkpoint ({manager.latest_checkpoint}). Lower --lr_pixels or --beta and rerun.")
+        iteration.assign_add(1)
+        done = it + 1
+        if done % s.log_every == 0 or done == s.iterations:
+            row = {name: float(v) / count for name, v in sums.items()}
+            row.update(iteration=done, updates=done * s.inner_steps, expert=int(k), start_epoch=int(t),
+                       seconds_per_update=(time.time() - t_log) / count, time=time.time())
+            wd.append_jsonl(metrics_path, row)
+            bar.update(done, f"loss {row['loss']:.4g} dm {row['dm']:.4g} proj {row['proj']:.4g} "
+                             f"ce {row['ce']:.3f}")
+            sums, count, t_log = {}, 0, time.time()
+        if done % s.ckpt_every == 0 or done == s.iterations:
+            manager.save(checkpoint_number=done)
+    images, labels = (t.numpy() for t in syn.render())
+    _save_synthetic(os.path.join(s.workdir, "synthetic.npz"), images, labels)
+    return images, labels

@@ -1,0 +1,319 @@
+"""Real-data access for esp_tf: loading, normalisation, class-balanced sampling, input pipelines.
+
+Why one module: it is the only place that talks to TensorFlow Datasets (TFDS), so the offline
+rules live here. Non-embedded datasets are always read with ``download=False`` after checking
+that their folder exists, because a missing dataset would otherwise make TFDS retry the network
+for minutes. The embedded ``fashion_mnist_mini`` ships inside the package and is prepared
+locally. Everything downstream gets a :class:`RealData` with class-sorted uint8 numpy arrays.
+"""
+import dataclasses
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+EMBEDDED_DATASETS = ("fashion_mnist_mini",)
+
+# Per-channel (mean, std) in [0, 1] pixel units; other datasets get statistics of their train set.
+_MNIST = ((0.1307,), (0.3081,))
+_FASHION = ((0.2861,), (0.3530,))
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_KNOWN_NORMALIZATION = {
+    "mnist": _MNIST,
+    "fashion_mnist": _FASHION,
+    "fashion_mnist_mini": _FASHION,
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn_cropped": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+
+
+class DatasetNotFoundError(ValueError):
+    """The requested dataset is not prepared in the TFDS data_dir (nothing is ever downloaded)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RealData:
+    """A fully loaded image-classification dataset; train arrays are stably sorted by class."""
+
+    name: str
+    train_images: np.ndarray  # uint8 [N, H, W, C]
+    train_labels: np.ndarray  # int32 [N]
+    test_images: np.ndarray  # uint8 [M, H, W, C]
+    test_labels: np.ndarray  # int32 [M]
+    class_names: tuple
+    mean: np.ndarray  # float32 [C], [0, 1] pixel units
+    std: np.ndarray  # float32 [C]
+
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(int(d) for d in self.train_images.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def train_counts(self) -> np.ndarray:
+        return np.bincount(self.train_labels, minlength=self.num_classes)
+
+
+def _split_name(name: str) -> tuple:
+    """``'cifar10/config:3.0.2'`` -> (``'cifar10/config'``, ``'3.0.2'``); version may be None."""
+    base, _, version = name.partition(":")
+    return base, (version or None)
+
+
+def _known_normalization(base: str):
+    dataset = base.split("/")[0]
+    if dataset in _KNOWN_NORMALIZATION:
+        return _KNOWN_NORMALIZATION[dataset]
+    if "imagenet" in dataset or dataset in ("imagenette", "imagewoof"):
+        return _IMAGENET
+    return None
+
+
+def _default_data_dir() -> str:
+    """TFDS's default data_dir, read at call time: $TFDS_DATA_DIR or ~/tensorflow_datasets."""
+    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def _present_datasets(data_dir: str) -> list:
+    if not tf.io.gfile.isdir(data_dir):
+        return []
+    return sorted(d.rstrip("/") for d in tf.io.gfile.listdir(data_dir)
+                  if tf.io.gfile.isdir(os.path.join(data_dir, d))
+                  and not d.startswith((".", "downloads")))
+
+
+def _not_found(name: str, data_dir: str, reason: str) -> DatasetNotFoundError:
+    present = _present_datasets(data_dir)
+    return DatasetNotFoundError(
+        f"dataset {name!r} is not available: {reason}. Searched data_dir {data_dir!r}, which "
+        f"holds: {', '.join(present) if present else '(no datasets)'}. Fix: pass the TFDS "
+        f"data_dir that holds it (--data_dir / data_dir=), or prepare it on a machine with "
+        f"network with `tfds build {name.partition(':')[0].split('/')[0]} --data_dir <dir>` and "
+        f"copy the folder over. Embedded datasets that need no data_dir: "
+        f"{', '.join(EMBEDDED_DATASETS)}.")
+
+
+def _check_prepared(name: str, data_dir: str) -> None:
+    """Fail fast if the dataset (and the requested config/version) folder does not exist."""
+    base, version = _split_name(name)
+    path = os.path.join(data_dir, *base.split("/"))
+    if not tf.io.gfile.isdir(path):
+        raise _not_found(name, data_dir, f"no folder {path!r}")
+    if version and "*" not in version and not tf.io.gfile.isdir(os.path.join(path, version)):
+        have = ", ".join(sorted(tf.io.gfile.listdir(path))) or "none"
+        raise _not_found(name, data_dir, f"version {version} is not prepared (versions: {have})")
+
+
+def _get_builder(name: str, data_dir: str, embedded: bool):
+    import tensorflow_datasets as tfds  # late import: slow, and only needed when loading
+
+    if embedded:
+        import esp_tf.datasets  # noqa: F401  (registers the builder)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        if embedded:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        elif not builder.is_prepared():
+            raise _not_found(name, data_dir, f"no prepared data in {builder.data_dir!r}")
+    # TFDS raises its own DatasetNotFoundError for unknown names, AssertionError for missing
+    # data or unknown versions.
+    except (tfds.core.registered.DatasetNotFoundError, AssertionError) as e:
+        raise _not_found(name, data_dir, str(e).split("\n")[0]) from e
+    return builder
+
+
+def _feature_keys(builder) -> tuple:
+    """(image key, label key): the supervised_keys if they are two names, else image/label."""
+    keys = builder.info.supervised_keys
+    if isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(k, str) for k in keys):
+        return keys
+    return "image", "label"
+
+
+def _read_split(builder, split: str):
+    """Whole split as numpy (image uint8 [N,H,W,C], label int32 [N])."""
+    import tensorflow_datasets as tfds
+
+    image_key, label_key = _feature_keys(builder)
+    features = builder.info.features
+    if image_key not in features or label_key not in features:
+        raise ValueError(f"{builder.info.full_name} is not an image-classification dataset "
+                         f"(needs features {image_key!r} and {label_key!r}, has {list(features)})")
+    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+    images, labels = arrays[image_key], arrays[label_key].astype(np.int32)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"{builder.info.full_name}/{split}: expected uint8 images [N,H,W,C], "
+                         f"got {images.dtype} {images.shape}")
+    return images, labels
+
+
+def _first_per_class(images, labels, limit):
+    """Stable sort by class; keep the first ``limit`` examples of each class (None: all)."""
+    order = np.argsort(labels, kind="stable")
+    if limit is not None:
+        rank = np.arange(len(order)) - np.searchsorted(labels[order], labels[order])
+        order = order[rank < limit]
+    return images[order], labels[order]
+
+
+def _channel_stats(images: np.ndarray):
+    """Per-channel mean/std in [0,1] units, accumulated in float64 chunks to bound memory."""
+    total = np.zeros(images.shape[-1]), np.zeros(images.shape[-1])
+    for start in range(0, len(images), 4096):
+        x = images[start:start + 4096].astype(np.float64) / 255.0
+        total[0][:] += x.sum(axis=(0, 1, 2))
+        total[1][:] += np.square(x).sum(axis=(0, 1, 2))
+    n = images.size / images.shape[-1]
+    mean = total[0] / n
+    return mean.astype(np.float32), np.sqrt(np.maximum(total[1] / n - mean**2, 0)).astype(np.float32)
+
+
+def load(name: str, data_dir: str | None = None, *, max_train_per_class: int | None = None,
+         max_test_per_class: int | None = None) -> RealData:
+    """Load a TFDS image-classification dataset fully into memory, never using the network.
+
+    ``name`` may carry TFDS config/version syntax (``'cifar10:3.0.2'``). ``max_*_per_class``
+    keep the first examples of each class in TFDS stored order. Raises DatasetNotFoundError
+    when a non-embedded dataset is not prepared under ``data_dir`` (default: TFDS default).
+    """
+    for arg, value in (("max_train_per_class", max_train_per_class),
+                       ("max_test_per_class", max_test_per_class)):
+        if value is not None and value < 1:
+            raise ValueError(f"{arg} must be None or >= 1, got {value}")
+    base, _ = _split_name(name)
+    embedded = base.split("/")[0] in EMBEDDED_DATASETS
+    data_dir = os.fspath(data_dir) if data_dir is not None else _default_data_dir()
+    if not embedded:
+        _check_prepared(name, data_dir)
+    builder = _get_builder(name, data_dir, embedded)
+    splits = builder.info.splits
+    if "train" not in splits:
+        raise ValueError(f"{name}: no 'train' split (splits: {sorted(splits)})")
+    test_split = "test" if "test" in splits else "validation" if "validation" in splits else None
+    if test_split is None:
+        raise ValueError(f"{name}: neither a 'test' nor a 'validation' split (splits: {sorted(splits)})")
+    if test_split != "test":
+        logging.info("%s has no 'test' split: using 'validation' as test data", name)
+
+    train_images, train_labels = _read_split(builder, "train")
+    test_images, test_labels = _read_split(builder, test_split)
+    label = builder.info.features[_feature_keys(builder)[1]]
+    num_classes = getattr(label, "num_classes", None) or int(train_labels.max()) + 1
+    names = getattr(label, "names", None) or [str(i) for i in range(num_classes)]
+
+    known = _known_normalization(base)
+    mean, std = (np.asarray(known[0], np.float32), np.asarray(known[1], np.float32)) if known \
+        else _channel_stats(train_images)
+    if mean.shape != (train_images.shape[-1],):
+        raise ValueError(f"{name}: normalisation has {mean.shape[0]} channels, images have "
+                         f"{train_images.shape[-1]}")
+    train_images, train_labels = _first_per_class(train_images, train_labels, max_train_per_class)
+    test_images, test_labels = _first_per_class(test_images, test_labels, max_test_per_class)
+    data = RealData(name, train_images, train_labels, test_images, test_labels,
+                    tuple(str(n) for n in names), mean, std)
+    logging.info("loaded %s from %s: train %d, test %d (%s), %d classes, images %s",
+                 name, builder.data_dir, len(train_labels), len(test_labels), test_split,
+                 data.num_classes, data.image_shape)
+    return data
+
+
+def normalize(images, mean, std) -> tf.Tensor:
+    """uint8 (or float in 0..255) pixels -> float32 ``(x / 255 - mean) / std``, per channel."""
+    x = tf.cast(images, tf.float32) / 255.0
+    return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def denormalize(x, mean, std) -> tf.Tensor:
+    """Inverse of :func:`normalize`: float32 normalised -> uint8, rounded and clipped to 0..255."""
+    pixels = (tf.cast(x, tf.float32) * tf.constant(std, tf.float32)
+              + tf.constant(mean, tf.float32)) * 255.0
+    return tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
+
+
+class ClassBalancedSampler:
+    """Draws class-balanced batches of real images with pure, traceable TF ops.
+
+    Sampling choice: each call ranks every image of a class by a stateless random key and takes
+    the first ``per_class`` of that random permutation, i.e. sampling WITHOUT replacement. If a
+    class has fewer images than ``per_class`` the permutation is cycled, so every image appears
+    floor or ceil(per_class / count) times (the only case with repeats). Output shape is fixed.
+    """
+
+    def __init__(self, data: RealData):
+        counts = data.train_counts
+        if counts.min() == 0:
+            raise ValueError(f"{data.name}: classes without train images: "
+                             f"{np.flatnonzero(counts == 0).tolist()}")
+        if np.any(np.diff(data.train_labels) < 0):
+            raise ValueError(f"{data.name}: train data must be sorted by class (use data.load)")
+        self._data = data
+        self._images = tf.constant(data.train_images)  # uint8, class-sorted
+        self._counts = tf.constant(counts, tf.int32)
+        self._offsets = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]), tf.int32)
+        self._max_count = int(counts.max())
+        self._mean, self._std = data.mean, data.std
+        self.num_classes = data.num_classes
+
+    def sample(self, seed, per_class: int):
+        """Normalised float32 images [C*per_class, H, W, Ch] (class-major) and int32 labels.
+
+        ``seed`` is a shape-[2] int32/int64 tensor (stateless RNG); ``per_class`` a Python int.
+        """
+        if not isinstance(per_class, int) or per_class < 1:
+            raise ValueError(f"per_class must be a Python int >= 1, got {per_class!r}")
+        c = self.num_classes
+        keys = tf.random.stateless_uniform([c, self._max_count], seed=seed)
+        valid = tf.range(self._max_count)[None, :] < self._counts[:, None]
+        keys = tf.where(valid, keys, -1.0)  # padding ranks after every real image
+        k = min(per_class, self._max_count)
+        _, ranked = tf.math.top_k(keys, k=k)  # [C, k] distinct random positions per class
+        cols = tf.math.floormod(tf.range(per_class)[None, :], self._counts[:, None])
+        local = tf.gather(ranked, cols, batch_dims=1)  # cycle only when count < per_class
+        index = tf.reshape(local + self._offsets[:, None], [-1])
+        images = normalize(tf.gather(self._images, index), self._mean, self._std)
+        labels = tf.repeat(tf.range(c, dtype=tf.int32), per_class)
+        return images, labels
+
+    def random_subset(self, seed: int, per_class: int):
+        """``per_class`` distinct real images of every class (uint8, int32 labels), class-major."""
+        counts = self._data.train_counts
+        if per_class > counts.min():
+            raise ValueError(f"random_subset: per_class={per_class} but the smallest class of "
+                             f"{self._data.name} has {counts.min()} train images")
+        rng = np.random.default_rng(seed)
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        index = np.concatenate([off + rng.choice(n, per_class, replace=False)
+                                for off, n in zip(offsets, counts)])
+        return self._data.train_images[index], self._data.train_labels[index].astype(np.int32)
+
+
+def train_dataset(data: RealData, batch_size: int, seed: int) -> tf.data.Dataset:
+    """One epoch of (normalised float32 images, int32 labels) batches in a seeded random order.
+
+    The permutation comes from ``numpy.random.default_rng(seed)``, so the order is the same on
+    every iteration of the returned dataset: pass a new seed per epoch for a new order.
+    """
+    order = np.random.default_rng(seed).permutation(len(data.train_labels))
+    return _batches(data.train_images[order], data.train_labels[order], batch_size, data)
+
+
+def test_dataset(data: RealData, batch_size: int = 500) -> tf.data.Dataset:
+    """The test split as normalised batches, in order (no shuffling)."""
+    return _batches(data.test_images, data.test_labels, batch_size, data)
+
+
+def _batches(images, labels, batch_size, data):
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    mean, std = data.mean, data.std
+    ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
+    return ds.batch(batch_size).map(lambda x, y: (normalize(x, mean, std), y),
+                                    num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)

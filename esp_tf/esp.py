@@ -1,0 +1,148 @@
+"""The ESP synthetic-update step (paper section 3, Algorithm 1). No I/O, no flags.
+
+One call = one inner step n of Algorithm 1 for the current expert subspace E:
+
+    x_syn, y_syn = synthetic.render()                    # every synthetic image, no slicing
+    G     = d CE(f(theta, A(x_syn)), y_syn) / d theta    # eq. 4, recorded by the outer tape
+    G_in  = E E^T G                                      # eq. 5
+    L     = L_DM(theta) + beta * ||G - G_in||_1          # eqs. 7-9
+    synthetic <- Adam(dL / d synthetic)                  # eq. 10, the only variable update
+    theta <- theta - alpha * G_in                        # eq. 6, a tensor, gradient stopped
+
+The student theta is a plain tensor driven through `FlatModel` (stateless_call), so each
+call builds and frees its own graph: memory does not grow with the number of inner steps.
+A is differentiable Siamese augmentation: the real and synthetic images of a class share
+one parameter draw per call.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+from esp_tf import augment, subspace
+from esp_tf.models import FlatModel
+
+LOSSES = ("proj", "dm")
+
+
+@dataclasses.dataclass(frozen=True)
+class ESPConfig:
+    beta: float = 1e-5               # weight of the projection loss (paper 4.2)
+    inner_lr: float = 0.1            # alpha: constant lr of the projected SGD student (paper 4.2)
+    losses: tuple = LOSSES           # ("proj",), ("dm",) or both: the paper's Table 4 ablation
+    real_per_class: int = 256        # real images per class for L_DM per update (DM's default)
+    dsa: augment.DSAConfig | None = augment.DSAConfig()   # None disables augmentation
+
+    def __post_init__(self):
+        bad = [l for l in self.losses if l not in LOSSES]
+        if bad or not self.losses:
+            raise ValueError(f"losses must be a non-empty subset of {LOSSES}, got {self.losses}")
+        if self.real_per_class < 1 and "dm" in self.losses:
+            raise ValueError("real_per_class must be >= 1 when the dm loss is used")
+
+
+def dm_loss(real_means: tf.Tensor, syn_features: tf.Tensor, syn_labels: tf.Tensor) -> tf.Tensor:
+    """Sum over classes of ||mean real embedding - mean synthetic embedding||^2 (DM; eq. 8 up to 1/C)."""
+    num_classes = tf.shape(real_means)[0]
+    syn_means = tf.math.unsorted_segment_mean(syn_features, syn_labels, num_classes)  # [C, D]
+    return tf.reduce_sum(tf.square(real_means - syn_means))
+
+
+def outer_loss(net: FlatModel, theta, basis, x_aug, y_syn, real_means, config: ESPConfig):
+    """L_out = L_DM + beta * ||G - E E^T G||_1 at theta for the (augmented) synthetic images.
+
+    Differentiable w.r.t. x_aug (second order through G). real_means [C, D] is the
+    gradient-stopped mean real embedding per class (unused without the dm loss).
+    Returns (loss, aux) where aux holds the terms, diagnostics and G_in = E E^T G.
+    """
+    with tf.GradientTape() as inner:
+        inner.watch(theta)
+        feats, logits = net.features_and_logits(theta, x_aug)
+        ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y_syn, logits))
+    g = inner.gradient(ce, theta)                                       # [P]  eq. 4
+    g_in = subspace.project(basis, g)                                   # [P]  eq. 5
+    proj = tf.reduce_sum(tf.abs(g - g_in))                              #      eq. 7
+    zero = tf.zeros([], theta.dtype)
+    match = dm_loss(real_means, feats, y_syn) if "dm" in config.losses else zero   # eq. 8
+    loss = zero
+    if "dm" in config.losses:
+        loss += match
+    if "proj" in config.losses:
+        loss += config.beta * proj                                      #      eq. 9
+    acc = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y_syn),
+                                 theta.dtype))
+    g_norm = tf.norm(g)
+    return loss, {"dm": match, "proj": proj, "ce": ce, "syn_acc": acc, "grad_norm": g_norm,
+                  "in_subspace": tf.norm(g_in) / (g_norm + 1e-12), "g_in": g_in}
+
+
+class ESPStep:
+    """Compiled ESP update: `theta_next, metrics = step(theta, basis, seed)`.
+
+    theta [P] float32, basis E [P, S] orthonormal, seed [2] int. Traced once for fixed shapes.
+    `optimizers` maps each of `synthetic.variable_groups()` to its Keras optimizer.
+    """
+
+    def __init__(self, net: FlatModel, synthetic, optimizers: dict, sampler, config: ESPConfig,
+                 *, jit_compile: bool = False):
+        self.net, self.synthetic, self.sampler, self.config = net, synthetic, sampler, config
+        self.groups = synthetic.variable_groups()
+        if set(optimizers) != set(self.groups):
+            raise ValueError(f"need one optimizer per group {sorted(self.groups)}, got {sorted(optimizers)}")
+        self.optimizers = optimizers
+        for name, opt in optimizers.items():
+            opt.build(self.groups[name])
+        self.trace_count = 0
+        self._compiled = tf.function(self._step, jit_compile=jit_compile)
+
+    def __call__(self, theta, basis, seed):
+        return self._compiled(theta, basis, tf.cast(seed, tf.int64))
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _augment(self, x, params, labels):
+        if self.config.dsa is None:
+            return x
+        return augment.apply(x, augment.take(params, labels))
+
+    def _real_means(self, theta, params, seed) -> tf.Tensor:
+        """Mean embedding [C, D] of a fresh class-balanced real batch at theta, no gradient.
+
+        Classes are embedded one at a time (map_fn) so memory is that of one class batch.
+        """
+        r = self.config.real_per_class
+        x, y = self.sampler.sample(seed, r)                           # [C*r, H, W, Ch], [C*r]
+        c = self.synthetic.num_classes
+        x = tf.reshape(x, [c, r, *x.shape[1:]])
+        y = tf.reshape(y, [c, r])
+
+        def one_class(args):
+            xc, yc = args
+            return tf.reduce_mean(self.net.features(theta, self._augment(xc, params, yc)), axis=0)
+
+        means = tf.map_fn(one_class, (x, y), fn_output_signature=tf.float32, parallel_iterations=1)
+        return tf.stop_gradient(means)
+
+    def _step(self, theta, basis, seed):
+        self.trace_count += 1       # Python side effect: runs only while tracing
+        cfg = self.config
+        aug_seed, real_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        num_classes = self.synthetic.num_classes
+        params = None
+        if cfg.dsa is not None:     # one draw per class, shared by its real and synthetic images
+            params = augment.sample(aug_seed, num_classes, self.synthetic.image_shape[:2], cfg.dsa)
+        real_means = self._real_means(theta, params, real_seed) if "dm" in cfg.losses else None
+
+        variables = [v for name in sorted(self.groups) for v in self.groups[name]]
+        with tf.GradientTape() as outer:
+            x_syn, y_syn = self.synthetic.render()
+            x_aug = self._augment(x_syn, params, y_syn)
+            loss, aux = outer_loss(self.net, theta, basis, x_aug, y_syn, real_means, cfg)
+        grads = outer.gradient(loss, variables)
+        start = 0
+        for name in sorted(self.groups):
+            n = len(self.groups[name])
+            self.optimizers[name].apply(grads[start:start + n], self.groups[name])
+            start += n
+        theta_next = theta - cfg.inner_lr * tf.stop_gradient(aux.pop("g_in"))   # eq. 6
+        return theta_next, {"loss": loss, **aux}

@@ -1,0 +1,121 @@
+"""Expert training: ConvNet runs on the real data whose parameter snapshots span ESP's subspaces.
+
+Recipe (MTT's buffer step, reference/anchors.md): SGD lr 0.01, no momentum, no weight decay,
+batch 256, constant lr, DSA on every batch, a snapshot at init and after every epoch.
+Generation is resumable: finished experts are files in the `TrajectoryStore` and are skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from esp_tf import augment, data as data_lib
+from esp_tf.models import FlatModel
+from esp_tf.trajectories import TrajectoryMeta, TrajectoryStore
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertConfig:
+    epochs: int = 50                 # snapshots per expert = epochs + 1
+    lr: float = 0.01                 # constant SGD learning rate
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    dsa: augment.DSAConfig | None = augment.DSAConfig()
+
+
+class _Trainer:
+    """Compiled SGD(+momentum) step on a flat parameter vector; traced once per batch shape."""
+
+    def __init__(self, net: FlatModel, config: ExpertConfig):
+        self.net, self.config = net, config
+        self.step = tf.function(self._step)   # one trace per batch shape
+        self.correct = tf.function(self._correct, reduce_retracing=True)
+
+    def _step(self, theta, velocity, x, y, seed):
+        cfg = self.config
+        if cfg.dsa is not None:
+            params = augment.sample(seed, x.shape[0], x.shape[1:3], cfg.dsa, one_family=True)
+            x = augment.apply(x, params)
+        with tf.GradientTape() as tape:
+            tape.watch(theta)
+            logits = self.net.logits(theta, x)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+        grad = tape.gradient(loss, theta) + cfg.weight_decay * theta
+        velocity = cfg.momentum * velocity + grad
+        return theta - cfg.lr * velocity, velocity, loss
+
+    def _correct(self, theta, x, y):
+        pred = tf.argmax(self.net.logits(theta, x), -1, output_type=tf.int32)
+        return tf.reduce_sum(tf.cast(tf.equal(pred, y), tf.int32))
+
+
+def test_accuracy(net: FlatModel, theta, real: data_lib.RealData, correct_fn=None) -> float:
+    """Accuracy of parameters theta on the real test split."""
+    correct_fn = correct_fn or tf.function(
+        lambda t, x, y: tf.reduce_sum(tf.cast(tf.equal(
+            tf.argmax(net.logits(t, x), -1, output_type=tf.int32), y), tf.int32)))
+    hits = sum(int(correct_fn(theta, x, y)) for x, y in data_lib.test_dataset(real))
+    return hits / len(real.test_labels)
+
+
+def train_expert(net: FlatModel, real: data_lib.RealData, config: ExpertConfig, seed: int,
+                 trainer: _Trainer | None = None) -> tuple[np.ndarray, float]:
+    """Trains one expert from a fresh init; returns snapshots [epochs+1, P] and its test accuracy."""
+    trainer = trainer or _Trainer(net, config)
+    theta = net.init(tf.constant([seed, 0], tf.int64))
+    velocity = tf.zeros_like(theta)
+    snapshots = [theta.numpy()]
+    step = 0
+    for epoch in range(config.epochs):
+        for x, y in data_lib.train_dataset(real, config.batch_size, seed=seed * 100_003 + epoch):
+            theta, velocity, loss = trainer.step(theta, velocity, x, y,
+                                                 tf.constant([seed, step + 1], tf.int64))
+            step += 1
+        if not np.isfinite(float(loss)):
+            raise FloatingPointError(f"expert seed {seed}: loss is {float(loss)} at epoch {epoch + 1}; "
+                                     "lower --expert_lr")
+        snapshots.append(theta.numpy())
+    acc = test_accuracy(net, theta, real, trainer.correct)
+    return np.stack(snapshots).astype(np.float32), acc
+
+
+def expert_meta(net: FlatModel, model_name: str, model_config: dict, dataset: str,
+                num_classes: int, config: ExpertConfig) -> TrajectoryMeta:
+    """The metadata trajectories of this model/dataset/recipe are stored (and checked) with."""
+    train_config = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("epochs", "dsa")}
+    train_config["dsa"] = None if config.dsa is None else dataclasses.asdict(config.dsa)
+    return TrajectoryMeta(model=model_name, model_config=dict(model_config), dataset=dataset,
+                          input_shape=tuple(int(d) for d in net.model.input_shape[1:]),
+                          num_classes=num_classes, layout=net.layout, epochs=config.epochs,
+                          train_config=train_config)
+
+
+def generate(store: TrajectoryStore, net: FlatModel, real: data_lib.RealData, meta: TrajectoryMeta,
+             num_experts: int, config: ExpertConfig, seed: int = 0, progress=None) -> list[float]:
+    """Ensures experts 0..num_experts-1 exist in `store`; trains only the missing ones.
+
+    Expert k uses seed (seed, k), so an interrupted run resumes with the same experts.
+    `progress(k, done, total, acc, seconds)` is called after each expert.
+    Returns the test accuracies of the experts trained by this call.
+    """
+    store.initialize(meta)
+    done = set(store.completed())
+    todo = [k for k in range(num_experts) if k not in done]
+    if not todo:
+        logging.info("all %d experts already in %s", num_experts, store.directory)
+        return []
+    trainer = _Trainer(net, config)
+    accs = []
+    for k in todo:
+        t0 = time.time()
+        snapshots, acc = train_expert(net, real, config, seed=seed * 1_000_003 + k, trainer=trainer)
+        store.write(k, snapshots)
+        accs.append(acc)
+        if progress:
+            progress(k, len(done) + len(accs), num_experts, acc, time.time() - t0)
+    return accs

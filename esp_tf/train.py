@@ -1,0 +1,195 @@
+r"""esp_tf command line: experts -> condense -> evaluate -> export, in one workdir.
+
+    python -m esp_tf.train --flagfile=configs/quickstart.flags
+
+Reruns resume: finished experts are reused, condensation continues from its last
+checkpoint, and phases whose outputs exist are not repeated. See README.md and BUILD.md.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import shutil
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+from esp_tf import cli, workdir as wd
+from esp_tf.cli import FLAGS
+
+
+# =====================================================================================
+# Set-up: flags, workdir, data, model
+# =====================================================================================
+# Flags that may change between runs sharing a workdir without invalidating its results.
+_RERUN_SAFE = {"phases", "log_every", "ckpt_every", "restart", "jit_compile", "data_dir", "experts_dir"}
+_OUTPUTS = ("ckpt", "synthetic.npz", "eval.json", "metrics.jsonl", "grid.png", "tfds")
+
+
+def path(*parts) -> str:
+    return os.path.join(FLAGS.workdir, *parts)
+
+
+def prepare_workdir():
+    """Validates flags; refuses to mix a new configuration into an existing run's workdir."""
+    errors = cli.validate()
+    if errors:
+        raise wd.UserError("invalid flags:\n  " + "\n  ".join(errors))
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    old = cli.parse_flags_file(path("flags.txt")) if os.path.exists(path("flags.txt")) else None
+    new = cli.flag_values()
+    if old is not None and FLAGS.restart:
+        for name in _OUTPUTS:
+            p = path(name)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+        wd.say(f"--restart: removed previous outputs in {FLAGS.workdir} (experts are kept)")
+    elif old is not None:
+        changed = {k for k in new if k not in _RERUN_SAFE and old.get(k, "") != new[k]}
+        if changed:
+            raise wd.UserError(
+                f"{FLAGS.workdir} holds a run with other settings ({', '.join(sorted(changed))} differ "
+                "from its flags.txt). Use another --workdir, or pass --restart to discard its results.")
+        wd.say(f"workdir {FLAGS.workdir} exists with the same settings: resuming")
+    wd.atomic_write_text(path("flags.txt"), cli.flags_file_text())
+
+
+def _setup(argv_flags):
+    import tensorflow as tf
+    from esp_tf import data as data_lib, models
+    tf.config.set_soft_device_placement(True)
+    real = data_lib.load(FLAGS.dataset, FLAGS.data_dir)
+    wd.say(f"data: {real.name} train {len(real.train_labels)} / test {len(real.test_labels)} images, "
+           f"{real.num_classes} classes, shape {real.image_shape}")
+    model = models.build(FLAGS.model, real.image_shape, real.num_classes,
+                         width=FLAGS.width, depth=FLAGS.depth)
+    return real, models.FlatModel(model)
+
+
+# =====================================================================================
+# Phase 1: experts (resumable: one finished TFRecord per expert)
+# =====================================================================================
+def phase_experts(real, net):
+    from esp_tf import experts
+    from esp_tf.trajectories import TrajectoryStore
+    config = cli.expert_config()
+    store = TrajectoryStore(cli.experts_dir())
+    meta = experts.expert_meta(net, FLAGS.model, cli.model_config(), real.name, real.num_classes, config)
+    bar = wd.Progress("experts", FLAGS.num_experts)
+    bar.done = len([k for k in store.completed() if k < FLAGS.num_experts]) if os.path.isdir(store.directory) else 0
+
+    def progress(k, done, total, acc, seconds):
+        bar.update(done, f"expert {k}: test acc {100 * acc:.1f}% ({seconds:.0f}s)")
+
+    accs = experts.generate(store, net, real, meta, FLAGS.num_experts, config, seed=FLAGS.seed,
+                            progress=progress)
+    if accs:
+        wd.say(f"experts: trained {len(accs)}, mean test accuracy {100 * np.mean(accs):.1f}%")
+    return store, meta
+
+
+# =====================================================================================
+# Phase 2: condensation (checkpointed every --ckpt_every iterations)
+# =====================================================================================
+def phase_condense(real, net, store, meta):
+    from esp_tf import condense
+    trajectories = store.load(meta, num_snapshots=FLAGS.max_start_epoch + FLAGS.segment_length + 1,
+                              max_experts=FLAGS.num_experts)
+    wd.say(f"condense: {trajectories.shape[0]} experts x {trajectories.shape[1]} snapshots x "
+           f"{trajectories.shape[2]} params; ESP {FLAGS.iterations} iterations x {FLAGS.inner_steps} "
+           f"inner steps, IPC {FLAGS.ipc}, losses {','.join(FLAGS.losses)}")
+    return condense.run(real, net, trajectories, cli.condense_settings())
+
+
+# =====================================================================================
+# Phase 3: evaluation of the condensed set and the baselines
+# =====================================================================================
+def phase_evaluate(real, images, labels):
+    from esp_tf import data as data_lib, evaluate
+    config = cli.eval_config()
+    test_x = data_lib.normalize(real.test_images, real.mean, real.std).numpy()
+    results = wd.read_json(path("eval.json")) or {}
+    sets = {"esp": (images, labels)}
+    if "random" in FLAGS.baselines:
+        sampler = data_lib.ClassBalancedSampler(real)
+        rx, ry = sampler.random_subset(FLAGS.seed, FLAGS.ipc)
+        sets["random"] = (data_lib.normalize(rx, real.mean, real.std).numpy(), ry)
+    for method, (x, y) in sets.items():
+        if config.arch in results.get(method, {}):
+            wd.say(f"evaluate: {method} on {config.arch} already in eval.json, skipped")
+            continue
+        bar = wd.Progress(f"eval {method}", FLAGS.eval_runs)
+        res = evaluate.evaluate(np.asarray(x), np.asarray(y), test_x, real.test_labels, real.num_classes,
+                                config, runs=FLAGS.eval_runs, seed=FLAGS.seed,
+                                progress=lambda i, n, acc, s: bar.update(i + 1, f"run {i}: {acc:.2f}%"))
+        results.setdefault(method, {})[config.arch] = res
+        wd.write_json(path("eval.json"), results)
+    return results
+
+
+# =====================================================================================
+# Phase 4: exports
+# =====================================================================================
+def phase_export(real, images, labels, results):
+    from esp_tf import data as data_lib, export
+    pixels = data_lib.denormalize(images, real.mean, real.std).numpy()
+    grid = export.image_grid(pixels, labels, real.num_classes)
+    export.save_png(grid, path("grid.png"))
+    name = FLAGS.export_name or f"esp_{real.name.split(':')[0]}_ipc{FLAGS.ipc}"
+    meta = {"source_dataset": real.name, "method": "esp", "param": FLAGS.param, "ipc": FLAGS.ipc,
+            "flags": cli.flag_values(), "accuracy": results.get("esp", {})}
+    out = export.export_tfds(name=name, data_dir=path("tfds"), images=pixels, labels=labels,
+                             class_names=list(real.class_names), metadata=meta,
+                             images_normalized=np.asarray(images, np.float32))
+    wd.say(f"export: grid {path('grid.png')}; TFDS dataset '{name}' in {out}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:      # library INFO chatter off unless asked for
+        logging.set_verbosity(logging.WARNING)
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+    prepare_workdir()
+    t0 = time.time()
+    real, net = _setup(argv)
+    phases = FLAGS.phases
+    store = meta = None
+    if "experts" in phases or "condense" in phases:
+        store, meta = phase_experts(real, net)
+    images = labels = None
+    if "condense" in phases:
+        images, labels = phase_condense(real, net, store, meta)
+    elif os.path.exists(path("synthetic.npz")):
+        saved = np.load(path("synthetic.npz"))
+        images, labels = saved["images"], saved["labels"]
+    results = {}
+    if images is not None and "evaluate" in phases:
+        results = phase_evaluate(real, images, labels)
+    if images is not None and "export" in phases:
+        phase_export(real, images, labels, results)
+    if results:
+        print(wd.results_table(results), flush=True)
+    wd.say(f"done in {time.time() - t0:.0f}s; workdir {FLAGS.workdir}")
+
+
+def run():
+    from esp_tf.data import DatasetNotFoundError
+    from esp_tf.trajectories import TrajectoryError
+    try:
+        app.run(main)
+    except (wd.UserError, DatasetNotFoundError, TrajectoryError) as e:   # no traceback, exit 2
+        wd.fail(str(e))
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

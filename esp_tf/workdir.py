@@ -1,0 +1,93 @@
+"""Workdir helpers: atomic writes, JSON lines, progress lines with rate and ETA, the result table.
+
+No flags here: the CLI passes paths and values in.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flags, missing data, incompatible workdir): no traceback."""
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes text to path via a temp file in the same directory and os.replace."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str):
+    """The parsed file, or None when it does not exist; a corrupt file is a UserError."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); delete it to recompute it") from e
+
+
+def append_jsonl(path: str, obj) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(obj, sort_keys=True) + "\n")
+
+
+def say(msg: str) -> None:
+    """One progress line on stdout (flushed, so it shows through pipes and CI logs)."""
+    print(msg, flush=True)
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """Prints `[name] done/total (pct) rate ETA message` lines; rate counted from the first update."""
+
+    def __init__(self, name: str, total: int, done: int = 0):
+        self.name, self.total, self.done = name, total, done
+        self._t0, self._d0 = time.time(), done
+
+    def update(self, done: int, message: str = "") -> None:
+        self.done = done
+        elapsed = time.time() - self._t0
+        rate = (done - self._d0) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        eta_s = _fmt_seconds(eta) if eta == eta else "?"
+        rate_s = f"{rate:.2f}/s" if rate >= 0.1 else (f"{60 * rate:.2f}/min" if rate > 0 else "-")
+        say(f"[{self.name}] {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) "
+            f"{rate_s} ETA {eta_s} {message}".rstrip())
+
+
+def results_table(results: dict) -> str:
+    """Markdown table: rows = methods, columns = architectures, cells = mean +- std (%)."""
+    archs = sorted({a for per in results.values() for a in per})
+    lines = ["| method | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
+    for method, per in results.items():
+        cells = [f"{per[a]['mean']:.2f} +- {per[a]['std']:.2f}" if a in per else "-" for a in archs]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr, flush=True)

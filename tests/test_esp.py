@@ -1,0 +1,128 @@
+"""The ESP step: exact outer gradients, single trace, the update rules of Algorithm 1."""
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from esp_tf import data as data_lib, esp, models, subspace
+from esp_tf.synthetic import PixelSynthetic
+
+C, IPC, HW = 3, 2, 8
+
+
+def _tiny_net(dtype="float32", act="relu"):
+    return models.FlatModel(models.convnet((HW, HW, 1), C, width=4, depth=2, act=act, dtype=dtype))
+
+
+def _float64_problem():
+    net = _tiny_net("float64", act="softplus")    # smooth: finite differences are meaningful
+    theta = net.init([1, 2])
+    segment = tf.stack([theta + 0.1 * tf.random.stateless_normal(theta.shape, [i, 9], dtype=tf.float64)
+                        for i in range(3)])
+    basis = subspace.basis(segment)
+    x = tf.random.stateless_normal([C * IPC, HW, HW, 1], [4, 4], dtype=tf.float64)
+    y = tf.constant(np.repeat(np.arange(C), IPC), tf.int32)
+    d = net.features(theta, x).shape[-1]
+    real_means = tf.random.stateless_normal([C, d], [5, 5], dtype=tf.float64)
+    return net, theta, basis, x, y, real_means
+
+
+@pytest.mark.parametrize("losses,beta", [(("proj", "dm"), 0.5), (("proj",), 1.0), (("dm",), 1.0)])
+def test_outer_gradient_matches_central_finite_differences_in_float64(losses, beta):
+    net, theta, basis, x, y, real_means = _float64_problem()
+    cfg = esp.ESPConfig(beta=beta, losses=losses, dsa=None)
+
+    def loss_at(xx):
+        return esp.outer_loss(net, theta, basis, xx, y, real_means, cfg)[0]
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = loss_at(x)
+    grad = tape.gradient(loss, x)
+    assert float(tf.norm(grad)) > 0
+    for i in range(3):
+        v = tf.random.stateless_normal(x.shape, [6, i], dtype=tf.float64)
+        eps = 1e-4
+        fd = float((loss_at(x + eps * v) - loss_at(x - eps * v)) / (2 * eps))
+        analytic = float(tf.reduce_sum(grad * v))
+        assert abs(fd - analytic) <= 1e-5 * abs(analytic) + 1e-9, (fd, analytic)
+
+
+def test_projection_loss_is_the_l1_norm_of_the_gradient_outside_the_subspace():
+    net, theta, basis, x, y, real_means = _float64_problem()
+    cfg = esp.ESPConfig(beta=1.0, losses=("proj",), dsa=None)
+    loss, aux = esp.outer_loss(net, theta, basis, x, y, real_means, cfg)
+    with tf.GradientTape() as tape:
+        tape.watch(theta)
+        ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, net.logits(theta, x)))
+    g = tape.gradient(ce, theta)
+    np.testing.assert_allclose(float(loss), float(tf.reduce_sum(tf.abs(subspace.residual(basis, g)))),
+                               rtol=1e-10)
+    np.testing.assert_allclose(aux["g_in"].numpy(), subspace.project(basis, g).numpy(), atol=1e-12)
+
+
+def _fake_real(n_per_class=6):
+    rng = np.random.default_rng(0)
+    return data_lib.RealData(
+        name="fake", train_images=rng.integers(0, 256, (C * n_per_class, HW, HW, 1), dtype=np.uint8),
+        train_labels=np.repeat(np.arange(C), n_per_class).astype(np.int32),
+        test_images=rng.integers(0, 256, (C * 2, HW, HW, 1), dtype=np.uint8),
+        test_labels=np.repeat(np.arange(C), 2).astype(np.int32), class_names=("a", "b", "c"),
+        mean=np.array([0.5], np.float32), std=np.array([0.25], np.float32))
+
+
+def _step(cfg, lr=0.01):
+    net = _tiny_net()
+    real = _fake_real()
+    syn = PixelSynthetic(C, IPC, (HW, HW, 1), init="gaussian", seed=0)
+    opt = {"pixels": keras.optimizers.Adam(lr)}
+    return net, syn, esp.ESPStep(net, syn, opt, data_lib.ClassBalancedSampler(real), cfg)
+
+
+def _basis_at(net, theta):
+    seg = tf.stack([theta + 0.01 * tf.random.stateless_normal(theta.shape, [i, 3]) for i in range(3)])
+    return subspace.basis(seg)
+
+
+def test_esp_step_is_traced_once_across_steps_and_subspaces():
+    cfg = esp.ESPConfig(real_per_class=4)
+    net, syn, step = _step(cfg)
+    for it in range(2):
+        theta = net.init([it, 0])
+        basis = _basis_at(net, theta)
+        for n in range(3):
+            theta, metrics = step(theta, basis, [it, n])
+    assert step.trace_count == 1
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_student_moves_only_inside_the_subspace_by_inner_lr_times_projected_gradient():
+    cfg = esp.ESPConfig(real_per_class=4, inner_lr=0.1, dsa=None)
+    net, syn, step = _step(cfg)
+    theta = net.init([0, 0])
+    basis = _basis_at(net, theta)
+    x0, y0 = syn.render()
+    with tf.GradientTape() as tape:
+        tape.watch(theta)
+        ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y0, net.logits(theta, x0)))
+    expected = theta - 0.1 * subspace.project(basis, tape.gradient(ce, theta))
+    theta_next, _ = step(theta, basis, [0, 0])
+    np.testing.assert_allclose(theta_next.numpy(), expected.numpy(), atol=1e-6)
+    # the move is inside span(E): zero residual
+    assert float(tf.norm(subspace.residual(basis, theta_next - theta))) < 1e-5 * float(tf.norm(theta_next - theta))
+
+
+def test_each_step_updates_the_synthetic_images_and_nothing_else_is_trainable():
+    net, syn, step = _step(esp.ESPConfig(real_per_class=4))
+    before = syn.images.numpy().copy()
+    theta = net.init([0, 0])
+    step(theta, _basis_at(net, theta), [0, 0])
+    assert not np.allclose(syn.images.numpy(), before)
+    assert [v.name for v in syn.trainable_variables] == [syn.images.name]
+
+
+def test_unknown_loss_names_are_rejected():
+    with pytest.raises(ValueError, match="losses"):
+        esp.ESPConfig(losses=("proj", "tm"))
