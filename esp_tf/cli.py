@@ -32,7 +32,8 @@ flags.DEFINE_bool("expert_dsa", True, "DSA augmentation while training experts (
 
 # -- ESP condensation --------------------------------------------------------------------
 flags.DEFINE_enum("method", "esp", ["esp"], "Condensation method.")
-flags.DEFINE_enum("param", "pixels", ["pixels"], "Synthetic-set parameterisation.")
+flags.DEFINE_enum("param", "pixels", ["pixels", "latents"],
+                  "Synthetic-set parameterisation: pixels, or latent codes + shared decoders (paper 4.2, after KFS).")
 flags.DEFINE_integer("ipc", 1, "Images per class of the condensed set (the storage budget).")
 flags.DEFINE_enum("init", "real", ["real", "gaussian"], "Synthetic init: real images or Gaussian noise (paper).")
 flags.DEFINE_integer("iterations", 1000, "Outer iterations; each picks a new expert segment.")
@@ -44,6 +45,10 @@ flags.DEFINE_float("inner_lr", 0.1, "Projected-SGD student learning rate (paper 
 flags.DEFINE_list("losses", ["proj", "dm"], "Outer losses: proj, dm or both (paper Table 4).")
 flags.DEFINE_integer("real_per_class", 256, "Real images per class in each DM term (DM default 256).")
 flags.DEFINE_float("lr_pixels", 0.01, "Adam learning rate of synthetic pixels (normalised units).")
+flags.DEFINE_float("lr_codes", 0.1, "Adam lr of latent codes (paper 4.2; --param=latents).")
+flags.DEFINE_float("lr_decoders", 0.01, "Adam lr of the shared decoders (paper 4.2; --param=latents).")
+flags.DEFINE_integer("num_decoders", 4, "Shared decoders; images per class = codes x decoders (--param=latents).")
+flags.DEFINE_integer("latent_downsample", 2, "Latent codes are image size / this (--param=latents).")
 flags.DEFINE_enum("lr_schedule", "linear", ["linear", "constant"], "Synthetic lr schedule (paper: linear decay).")
 flags.DEFINE_bool("dsa", True, "Differentiable Siamese augmentation during condensation.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the ESP step (recommended on GPU).")
@@ -77,7 +82,8 @@ def validate():
     if bad or not FLAGS.losses:
         errors.append(f"--losses: {FLAGS.losses} must be a non-empty subset of proj,dm")
     for name in ("ipc", "iterations", "inner_steps", "segment_length", "num_experts", "expert_epochs",
-                 "eval_epochs", "eval_runs", "real_per_class", "ckpt_every", "log_every"):
+                 "eval_epochs", "eval_runs", "real_per_class", "ckpt_every", "log_every", "num_decoders",
+                 "latent_downsample"):
         if getattr(FLAGS, name) < 1:
             errors.append(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
     if FLAGS.max_start_epoch < 0:
@@ -125,7 +131,10 @@ def condense_settings():
     return CondenseSettings(workdir=FLAGS.workdir, ipc=FLAGS.ipc, init=FLAGS.init,
                             iterations=FLAGS.iterations, inner_steps=FLAGS.inner_steps,
                             segment_length=FLAGS.segment_length, max_start_epoch=FLAGS.max_start_epoch,
-                            esp=esp, lr_pixels=FLAGS.lr_pixels, lr_schedule=FLAGS.lr_schedule,
+                            esp=esp, param=FLAGS.param, lr_pixels=FLAGS.lr_pixels,
+                            lr_codes=FLAGS.lr_codes, lr_decoders=FLAGS.lr_decoders,
+                            num_decoders=FLAGS.num_decoders, latent_downsample=FLAGS.latent_downsample,
+                            lr_schedule=FLAGS.lr_schedule,
                             seed=FLAGS.seed, ckpt_every=FLAGS.ckpt_every, log_every=FLAGS.log_every,
                             jit_compile=FLAGS.jit_compile)
 

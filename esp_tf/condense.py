@@ -23,7 +23,7 @@ import tensorflow as tf
 from esp_tf import data as data_lib, subspace, workdir as wd
 from esp_tf.esp import ESPConfig, ESPStep
 from esp_tf.models import FlatModel
-from esp_tf.synthetic import PixelSynthetic
+from esp_tf.synthetic import LatentSynthetic, PixelSynthetic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,29 +36,55 @@ class CondenseSettings:
     segment_length: int = 2
     max_start_epoch: int = 20
     esp: ESPConfig = ESPConfig()
-    lr_pixels: float = 0.01
-    lr_schedule: str = "linear"
+    param: str = "pixels"            # "pixels" or "latents" (codes + shared decoders, paper 4.2)
+    lr_pixels: float = 0.01          # Adam lr of pixels (normalised units)
+    lr_codes: float = 0.1            # Adam lr of latent codes (paper 4.2)
+    lr_decoders: float = 0.01        # Adam lr of the shared decoders (paper 4.2)
+    num_decoders: int = 4            # latents: decoders shared by all classes
+    latent_downsample: int = 2       # latents: codes are H/f x W/f
+    lr_schedule: str = "linear"      # linear decay to 0 over all updates (paper 4.2), or constant
     seed: int = 0
     ckpt_every: int = 50
     log_every: int = 10
     jit_compile: bool = False
 
 
-def make_synthetic(real: data_lib.RealData, s: CondenseSettings) -> PixelSynthetic:
-    init_images = None
-    if s.init == "real":
-        x, _ = data_lib.ClassBalancedSampler(real).random_subset(s.seed, s.ipc)
-        init_images = data_lib.normalize(x, real.mean, real.std).numpy()
+def _real_init(real: data_lib.RealData, s: CondenseSettings, per_class: int):
+    """per_class random real images of each class, normalised, class-major (or None)."""
+    if s.init != "real":
+        return None
+    x, _ = data_lib.ClassBalancedSampler(real).random_subset(s.seed, per_class)
+    return data_lib.normalize(x, real.mean, real.std).numpy()
+
+
+def make_synthetic(real: data_lib.RealData, s: CondenseSettings):
+    """The learnable set for --param: IPC images per class, or codes + decoders in that budget."""
+    if s.param == "latents":
+        design = {"num_decoders": s.num_decoders, "downsample": s.latent_downsample}
+        try:
+            n = LatentSynthetic.codes_per_class_for(s.ipc, real.image_shape, real.num_classes, **design)
+        except ValueError as e:
+            raise wd.UserError(str(e)) from e
+        return LatentSynthetic(real.num_classes, s.ipc, real.image_shape, init=s.init,
+                               real_images=_real_init(real, s, n), seed=s.seed, **design)
+    if s.param != "pixels":
+        raise ValueError(f"param must be pixels or latents, got {s.param!r}")
     return PixelSynthetic(real.num_classes, s.ipc, real.image_shape, init=s.init,
-                          real_images=init_images, seed=s.seed)
+                          real_images=_real_init(real, s, s.ipc), seed=s.seed)
 
 
 def make_optimizers(s: CondenseSettings) -> dict:
+    """One Adam per variable group of the synthetic set, each with the --lr_schedule."""
     total = s.iterations * s.inner_steps
-    lr = s.lr_pixels
-    if s.lr_schedule == "linear":
-        lr = keras.optimizers.schedules.PolynomialDecay(s.lr_pixels, total, 0.0, power=1.0)
-    return {"pixels": keras.optimizers.Adam(lr)}
+
+    def adam(lr):
+        if s.lr_schedule == "linear":
+            lr = keras.optimizers.schedules.PolynomialDecay(lr, total, 0.0, power=1.0)
+        return keras.optimizers.Adam(lr)
+
+    if s.param == "latents":
+        return {"codes": adam(s.lr_codes), "decoders": adam(s.lr_decoders)}
+    return {"pixels": adam(s.lr_pixels)}
 
 
 def _save_synthetic(path: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -80,6 +106,10 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
         raise wd.UserError(f"trajectories have {trajectories.shape[1]} snapshots; max_start_epoch + "
                            f"segment_length + 1 = {needed} are needed")
     syn = make_synthetic(real, s)
+    budget = syn.budget()
+    wd.write_json(os.path.join(s.workdir, "budget.json"), budget)
+    wd.say(f"synthetic set: {s.param}, {budget['params_per_class']:.0f} stored floats per class "
+           f"(budget {budget['budget_per_class']}), {syn.images_per_class} images rendered per class")
     optimizers = make_optimizers(s)
     step = ESPStep(net, syn, optimizers, data_lib.ClassBalancedSampler(real), s.esp,
                    jit_compile=s.jit_compile)
@@ -113,7 +143,7 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
         if not np.isfinite(loss):
             raise wd.UserError(
                 f"ESP loss became {loss} at iteration {it}; the synthetic set was NOT saved past the "
-                f"last checkpoint ({manager.latest_checkpoint}). Lower --lr_pixels or --beta and rerun.")
+                f"last checkpoint ({manager.latest_checkpoint}). Lower --lr_pixels (or --lr_codes/--lr_decoders) or --beta and rerun.")
         iteration.assign_add(1)
         done = it + 1
         if done % s.log_every == 0 or done == s.iterations:

@@ -1,7 +1,14 @@
 """The learnable condensed set. It renders images and labels; it owns no optimizer and no loss.
 
-Pixel parameterisation: one learnable image per stored slot, IPC per class, initialised
-from Gaussian noise (the paper, section 3.3) or from real images of the class.
+Two parameterisations share one interface (render, labels, num_parameters, images_per_class,
+variable_groups, budget, num_classes, ipc, image_shape), both at the storage budget of IPC
+images per class (IPC x H x W x Ch floats per class):
+
+* PixelSynthetic: one learnable image per stored slot, IPC per class, initialised from
+  Gaussian noise (the paper, section 3.3) or from real images of the class.
+* LatentSynthetic: learnable latent codes plus a few tiny decoders shared by all classes
+  (the paper, section 4.2, after KFS); every code x decoder pair is one rendered image, so a
+  class renders more images than IPC at the same float count.
 """
 from __future__ import annotations
 
@@ -49,3 +56,212 @@ class PixelSynthetic(tf.Module):
     def variable_groups(self) -> dict[str, list[tf.Variable]]:
         """Named groups that may get their own learning rate."""
         return {"pixels": [self.images]}
+
+    def budget(self) -> dict:
+        """Budget per class and parameters used per class (equal: one image per IPC slot)."""
+        per_class = self.ipc * int(np.prod(self.image_shape))
+        return {"budget_per_class": per_class, "params_per_class": per_class,
+                "images_per_class": self.ipc}
+
+
+# -- latent codes + shared decoders (paper section 4.2, after KFS) ----------------------------
+
+def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """[out_size, in_size] matrix U with U @ z = 1-D bilinear resize of z (half-pixel centres).
+
+    The same sampling rule as `tf.image.resize(..., "bilinear")` without antialiasing: output
+    pixel o reads source position (o + 0.5) * in/out - 0.5, clamped to the border. Rows sum
+    to 1, so U commutes with per-pixel affine maps (used to run the decoders' 1x1 skip at low
+    resolution). Written as a matrix so rendering is two einsums (plain, twice-differentiable
+    ops that XLA compiles) and so real images can be encoded with its pseudo-inverse.
+    """
+    src = np.clip((np.arange(out_size) + 0.5) * in_size / out_size - 0.5, 0.0, in_size - 1)
+    lo = np.floor(src).astype(int)                                       # [out]
+    hi = np.minimum(lo + 1, in_size - 1)                                 # [out]
+    frac = src - lo                                                      # [out]
+    u = np.zeros((out_size, in_size), np.float64)
+    np.add.at(u, (np.arange(out_size), lo), 1.0 - frac)
+    np.add.at(u, (np.arange(out_size), hi), frac)
+    return u
+
+
+def latent_plan(ipc: int, image_shape, num_classes: int, *, num_decoders: int = 4,
+                downsample: int = 2, code_channels: int | None = None, hidden: int = 16) -> dict:
+    """How LatentSynthetic spends the budget of `ipc` images per class (pure arithmetic).
+
+    Budget: ipc * H * W * Ch floats per class, i.e. C * ipc * H * W * Ch in total. Every
+    stored float counts: the codes of all classes plus ALL decoder weights and biases (the
+    decoders are shared, so each class carries 1/C of them). The number of codes per class is
+    the largest n with  C * n * code_size + num_decoders * decoder_size <= total budget.
+    Raises ValueError when not even one code per class fits.
+    """
+    if len(tuple(image_shape)) != 3:
+        raise ValueError(f"image_shape must be (H, W, Ch), got {image_shape}")
+    h, w, ch = (int(d) for d in image_shape)
+    k = ch if code_channels is None else int(code_channels)
+    for name, value in (("ipc", ipc), ("num_classes", num_classes), ("num_decoders", num_decoders),
+                        ("downsample", downsample), ("hidden", hidden)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if h % downsample or w % downsample:
+        raise ValueError(f"downsample={downsample} must divide the image size {h}x{w}")
+    if k < ch:
+        raise ValueError(f"code_channels={k} must be >= the image channels ({ch}): the decoders' "
+                         "identity skip (and the real-image init) carries the first Ch code channels")
+    code_shape = (h // downsample, w // downsample, k)
+    code_size = int(np.prod(code_shape))
+    decoder_size = (k * ch + ch                 # 1x1 skip map    k -> Ch, weights + bias
+                    + 9 * k * hidden + hidden   # conv3x3 on codes k -> hidden
+                    + 9 * hidden * ch + ch)     # conv3x3 after upsampling hidden -> Ch
+    per_class = ipc * h * w * ch
+    total = num_classes * per_class
+    decoders = num_decoders * decoder_size
+    n = (total - decoders) // (num_classes * code_size)
+    if n < 1:
+        raise ValueError(
+            f"latent budget too small: IPC {ipc} of {h}x{w}x{ch} for {num_classes} classes allows "
+            f"{total} floats, but {num_decoders} decoders x {decoder_size} + one {code_shape} code per "
+            f"class need {decoders + num_classes * code_size}. Use fewer decoders (num_decoders), a "
+            f"smaller decoder (hidden), a larger downsample or fewer code_channels, or param=pixels.")
+    used = num_classes * n * code_size + decoders
+    return {
+        "budget_per_class": per_class,                        # ipc * H * W * Ch floats
+        "params_per_class": used / num_classes,               # codes + decoders / C
+        "code_params_per_class": n * code_size,
+        "decoder_share_per_class": decoders / num_classes,
+        "budget_total": total,
+        "params_total": used,
+        "codes_per_class": int(n),
+        "code_shape": code_shape,                             # (H/f, W/f, k)
+        "num_decoders": num_decoders,
+        "decoder_params_each": decoder_size,
+        "images_per_class": int(n) * num_decoders,            # every code x every decoder
+    }
+
+
+class LatentSynthetic(tf.Module):
+    """Learnable latent codes per class + a few tiny decoders shared by all classes.
+
+    Storage (the paper's section 4.2 uses KFS's codes-and-decoders at the pixel budget):
+      codes    [C*n, H/f, W/f, k]   n codes per class, class-major (n from `latent_plan`)
+      decoders D of them, each  x = U(z S + s) + conv3(U(silu(conv3(z) + b1))) + b2
+    where U is the bilinear x f upsampling. Every code goes through every decoder, so a class
+    renders M = n * D images, class-major, then code-major, decoder fastest:
+      rendered index  c*M + i*D + d  =  decoder d applied to code i of class c.
+
+    Design choices, and why:
+    * f = 2, k = Ch by default: a code is a half-resolution image, 4x fewer floats than a pixel
+      image, so the budget buys ~4 codes per IPC slot (~3 at IPC 1 once the decoders are paid);
+      with D = 4 decoders a class renders ~12-16x IPC images. Half resolution keeps real
+      images recognisable, so the real init starts from meaningful images.
+    * Decoder = identity-initialised linear skip (1x1 map S, bias s, then bilinear upsampling)
+      plus a small residual branch (conv3x3 k->hidden, SiLU, upsample, conv3x3 hidden->Ch).
+      The skip makes the initial render the bilinear upsampling of the code; the residual
+      branch adds learnable detail and style at full resolution. SiLU is smooth (no kinks) and
+      every op is a standard differentiable TF op (einsum, conv2d), so the outer loss, itself a
+      gradient of a gradient, differentiates through rendering like any other input path.
+    * Decoders start near-identical but NOT identical: their residual branches get different
+      small random weights (output scale `residual_init`). Identical decoders would receive
+      identical gradients forever (the loss is symmetric in them) and render duplicates.
+    * Real init: code channels :Ch are the least-squares encoding pinv(U) x pinv(U)^T of a real
+      image (the best half-resolution code for the skip path), extra channels 0. The initial
+      render is then that image up to its finest detail plus the small residual. Gaussian init:
+      codes ~ N(0, 1) in normalised units (the paper's Gaussian init, at code resolution).
+
+    Decoder weights are stacked over decoders in plain tf.Variables (no Keras layers), so the
+    module checkpoints with tf.train.Checkpoint and gets gradients like any variable.
+    """
+
+    def __init__(self, num_classes: int, ipc: int, image_shape, *, init: str = "real",
+                 real_images: np.ndarray | None = None,
+                 num_decoders: int = 4,          # D: images per code; see the class docstring
+                 downsample: int = 2,            # f: code resolution H/f x W/f
+                 code_channels: int | None = None,   # k: None -> image channels Ch
+                 hidden: int = 16,               # residual-branch width of each decoder
+                 residual_init: float = 0.1,     # initial residual output scale (normalised units)
+                 seed: int = 0, name: str = "synthetic"):
+        super().__init__(name=name)
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.design = dict(num_decoders=num_decoders, downsample=downsample,
+                           code_channels=code_channels, hidden=hidden)
+        self._plan = latent_plan(ipc, image_shape, num_classes, **self.design)
+        h, w, ch = (int(d) for d in image_shape)
+        n, (hc, wc, k) = self._plan["codes_per_class"], self._plan["code_shape"]
+        self.num_classes, self.ipc, self.image_shape = num_classes, ipc, (h, w, ch)
+        self.num_decoders, self.codes_per_class = num_decoders, n
+        uh, uw = bilinear_matrix(h, hc), bilinear_matrix(w, wc)          # [H, H/f], [W, W/f]
+        self._uh, self._uw = tf.constant(uh, tf.float32), tf.constant(uw, tf.float32)
+
+        shape = (num_classes * n, h, w, ch)
+        if init == "real":
+            if real_images is None or tuple(real_images.shape) != shape:
+                raise ValueError(f"init='real' needs real_images of shape {shape} (class-major, "
+                                 f"codes_per_class={n} per class), "
+                                 f"got {None if real_images is None else real_images.shape}")
+            x = np.asarray(real_images, np.float64)                          # [C*n, H, W, Ch]
+            z = np.einsum("hH,nHWc,wW->nhwc", np.linalg.pinv(uh), x, np.linalg.pinv(uw))
+            codes = np.concatenate([z, np.zeros((*z.shape[:3], k - ch))], -1)  # [C*n, H/f, W/f, k]
+            codes = tf.constant(codes, tf.float32)
+        else:
+            codes = tf.random.stateless_normal((num_classes * n, hc, wc, k), [seed, 7919])
+        self.codes = tf.Variable(codes, name="codes")                        # [C*n, H/f, W/f, k]
+
+        d, m = num_decoders, hidden
+        s1, s2 = tf.unstack(tf.random.experimental.stateless_split([seed, 104729], 2))
+        eye = np.eye(k, ch, dtype=np.float32)                                # first Ch channels
+        self.skip_w = tf.Variable(np.tile(eye, (d, 1, 1)), name="skip_w")    # [D, k, Ch]
+        self.skip_b = tf.Variable(tf.zeros((d, ch)), name="skip_b")          # [D, Ch]
+        he = np.sqrt(2.0 / (9 * k))                                          # He init, fan-in 9k
+        self.conv1_w = tf.Variable(he * tf.random.stateless_normal((d, 3, 3, k, m), s1),
+                                   name="conv1_w")                           # [D, 3, 3, k, m]
+        self.conv1_b = tf.Variable(tf.zeros((d, m)), name="conv1_b")         # [D, m]
+        small = residual_init / np.sqrt(9 * m)                               # residual ~ residual_init
+        self.conv2_w = tf.Variable(small * tf.random.stateless_normal((d, 3, 3, m, ch), s2),
+                                   name="conv2_w")                           # [D, 3, 3, m, Ch]
+        self.conv2_b = tf.Variable(tf.zeros((d, ch)), name="conv2_b")        # [D, Ch]
+        self.labels = tf.constant(np.repeat(np.arange(num_classes), n * d), tf.int32)  # [C*M]
+
+    @classmethod
+    def codes_per_class_for(cls, ipc: int, image_shape, num_classes: int, **design) -> int:
+        """Codes per class the budget allows: the number of real images per class init='real' needs."""
+        return latent_plan(ipc, image_shape, num_classes, **design)["codes_per_class"]
+
+    def _upsample(self, z):
+        """Bilinear x f upsampling [N, H/f, W/f, c] -> [N, H, W, c] as two matrix products."""
+        z = tf.einsum("Hh,nhwc->nHwc", self._uh, z)
+        return tf.einsum("Ww,nHwc->nHWc", self._uw, z)
+
+    def decode(self, d: int, z) -> tf.Tensor:
+        """Decoder d applied to codes z [N, H/f, W/f, k] -> images [N, H, W, Ch]."""
+        ch = self.image_shape[-1]
+        skip = tf.einsum("nhwk,kc->nhwc", z, self.skip_w[d]) + self.skip_b[d]     # [N, h, w, Ch]
+        a = tf.nn.conv2d(z, self.conv1_w[d], 1, "SAME") + self.conv1_b[d]          # [N, h, w, m]
+        up = self._upsample(tf.concat([skip, tf.nn.silu(a)], -1))                  # [N, H, W, Ch+m]
+        res = tf.nn.conv2d(up[..., ch:], self.conv2_w[d], 1, "SAME") + self.conv2_b[d]  # [N, H, W, Ch]
+        return up[..., :ch] + res
+
+    def render(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """All C*M images [C*M, H, W, Ch] (code x decoder, class-major) and labels [C*M]."""
+        x = tf.stack([self.decode(d, self.codes) for d in range(self.num_decoders)], 1)  # [C*n, D, H, W, Ch]
+        return tf.reshape(x, (-1, *self.image_shape)), self.labels
+
+    @property
+    def num_parameters(self) -> int:
+        """Stored floats: codes plus every decoder weight and bias."""
+        return int(sum(np.prod(v.shape) for v in self.trainable_variables))
+
+    @property
+    def images_per_class(self) -> int:
+        """M = codes_per_class x num_decoders rendered images per class."""
+        return self.codes_per_class * self.num_decoders
+
+    def budget(self) -> dict:
+        """Budget per class, parameters used per class (codes + decoders / C), shapes, counts."""
+        return dict(self._plan)
+
+    def variable_groups(self) -> dict[str, list[tf.Variable]]:
+        """Codes and decoders: the paper trains them with Adam at lr 0.1 and 0.01."""
+        return {"codes": [self.codes],
+                "decoders": [self.skip_w, self.skip_b, self.conv1_w, self.conv1_b,
+                             self.conv2_w, self.conv2_b]}
