@@ -97,9 +97,11 @@ def _save_synthetic(path: str, images: np.ndarray, labels: np.ndarray) -> None:
 
 
 def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: CondenseSettings):
-    """Condenses `real` with ESP guided by `trajectories` [K, S, P]; returns (images, labels).
+    """Condenses `real` with ESP guided by `trajectories` [K, S, P].
 
-    Images are normalised float32 [C*ipc, H, W, Ch] (what the model sees), labels int32.
+    Returns (images, labels, synthetic): the rendered set as normalised float32 [C*M, H, W, Ch]
+    (what the model sees) with int32 labels, and the learnable set itself. A finished run
+    restores its last checkpoint and returns at once.
     """
     needed = s.max_start_epoch + s.segment_length + 1
     if trajectories.shape[1] < needed:
@@ -129,6 +131,15 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
         return segment[0], subspace.basis(segment), k, t
 
     metrics_path = os.path.join(s.workdir, "metrics.jsonl")
+    board = tf.summary.create_file_writer(os.path.join(s.workdir, "tensorboard"))
+
+    def grid_summary(step: int):
+        from esp_tf import export
+        images, labels = syn.render()
+        pixels = data_lib.denormalize(images, real.mean, real.std).numpy()
+        grid = export.image_grid(pixels, labels.numpy(), real.num_classes)
+        with board.as_default(step=step):
+            tf.summary.image("synthetic", grid[None])
     bar = wd.Progress("condense", s.iterations, done=int(iteration))
     sums, count, t_log = {}, 0, time.time()
     while int(iteration) < s.iterations:
@@ -151,11 +162,16 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
             row.update(iteration=done, updates=done * s.inner_steps, expert=int(k), start_epoch=int(t),
                        seconds_per_update=(time.time() - t_log) / count, time=time.time())
             wd.append_jsonl(metrics_path, row)
+            with board.as_default(step=done):
+                for name in ("loss", "dm", "proj", "ce", "syn_acc", "in_subspace", "seconds_per_update"):
+                    tf.summary.scalar(f"condense/{name}", row[name])
             bar.update(done, f"loss {row['loss']:.4g} dm {row['dm']:.4g} proj {row['proj']:.4g} "
                              f"ce {row['ce']:.3f}")
             sums, count, t_log = {}, 0, time.time()
         if done % s.ckpt_every == 0 or done == s.iterations:
             manager.save(checkpoint_number=done)
+            grid_summary(done)
+            board.flush()
     images, labels = (t.numpy() for t in syn.render())
     _save_synthetic(os.path.join(s.workdir, "synthetic.npz"), images, labels)
-    return images, labels
+    return images, labels, syn

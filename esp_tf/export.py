@@ -210,3 +210,31 @@ def export_tfds(*, name: str, data_dir: str, images: np.ndarray, labels: np.ndar
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def plot_curves(metrics_jsonl: str, path: str) -> str:
+    """PNG of the condensation curves in metrics.jsonl (loss terms, student CE) vs iteration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_jsonl) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        raise ValueError(f"{metrics_jsonl} holds no metrics")
+    it = [r["iteration"] for r in rows]
+    panels = [(k, t) for k, t in (("loss", "outer loss"), ("dm", "L_DM"), ("proj", "L_proj (L1)"),
+                                  ("ce", "student CE on synthetic set")) if k in rows[0]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (key, title) in zip(np.atleast_1d(axes), panels):
+        ax.plot(it, [r[key] for r in rows])
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

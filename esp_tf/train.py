@@ -28,7 +28,8 @@ from esp_tf.cli import FLAGS
 # =====================================================================================
 # Flags that may change between runs sharing a workdir without invalidating its results.
 _RERUN_SAFE = {"phases", "log_every", "ckpt_every", "restart", "jit_compile", "data_dir", "experts_dir"}
-_OUTPUTS = ("ckpt", "synthetic.npz", "eval.json", "metrics.jsonl", "grid.png", "tfds")
+_OUTPUTS = ("ckpt", "synthetic.npz", "eval.json", "metrics.jsonl", "grid.png", "curves.png", "tfds",
+            "saved_model", "tensorboard", "budget.json")
 
 
 def path(*parts) -> str:
@@ -137,8 +138,8 @@ def phase_evaluate(real, images, labels):
 # =====================================================================================
 # Phase 4: exports
 # =====================================================================================
-def phase_export(real, images, labels, results):
-    from esp_tf import data as data_lib, export
+def phase_export(real, images, labels, synthetic, results):
+    from esp_tf import data as data_lib, export, saved_models
     pixels = data_lib.denormalize(images, real.mean, real.std).numpy()
     grid = export.image_grid(pixels, labels, real.num_classes)
     export.save_png(grid, path("grid.png"))
@@ -149,6 +150,12 @@ def phase_export(real, images, labels, results):
                              class_names=list(real.class_names), metadata=meta,
                              images_normalized=np.asarray(images, np.float32))
     wd.say(f"export: grid {path('grid.png')}; TFDS dataset '{name}' in {out}")
+    if synthetic is not None:
+        gen = saved_models.export_generator(synthetic, real.mean, real.std,
+                                            path("saved_model", "generator"))
+        wd.say(f"export: generator SavedModel {gen} (signature 'render')")
+    if os.path.exists(path("metrics.jsonl")):
+        export.plot_curves(path("metrics.jsonl"), path("curves.png"))
 
 
 def main(argv):
@@ -165,9 +172,9 @@ def main(argv):
     store = meta = None
     if "experts" in phases or "condense" in phases:
         store, meta = phase_experts(real, net)
-    images = labels = None
+    images = labels = synthetic = None
     if "condense" in phases:
-        images, labels = phase_condense(real, net, store, meta)
+        images, labels, synthetic = phase_condense(real, net, store, meta)
     elif os.path.exists(path("synthetic.npz")):
         saved = np.load(path("synthetic.npz"))
         images, labels = saved["images"], saved["labels"]
@@ -175,7 +182,7 @@ def main(argv):
     if images is not None and "evaluate" in phases:
         results = phase_evaluate(real, images, labels)
     if images is not None and "export" in phases:
-        phase_export(real, images, labels, results)
+        phase_export(real, images, labels, synthetic, results)
     if results:
         print(wd.results_table(results), flush=True)
     wd.say(f"done in {time.time() - t0:.0f}s; workdir {FLAGS.workdir}")

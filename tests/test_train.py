@@ -34,7 +34,8 @@ def finished_run(tmp_path_factory):
 def test_cli_writes_every_workdir_artifact(finished_run):
     tmp, work, out = finished_run
     for name in ("flags.txt", "metrics.jsonl", "eval.json", "grid.png", "synthetic.npz", "ckpt",
-                 "experts/metadata.json", "experts/expert_00000.tfrecord", "tfds"):
+                 "experts/metadata.json", "experts/expert_00000.tfrecord", "tfds", "curves.png",
+                 "saved_model/generator/saved_model.pb", "tensorboard", "budget.json"):
         assert (work / name).exists(), name
     results = json.loads((work / "eval.json").read_text())
     for method in ("esp", "random"):

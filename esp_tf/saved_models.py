@@ -1,0 +1,73 @@
+"""SavedModel exports that reload with plain `tf.saved_model.load`, without esp_tf installed.
+
+* The generator: the condensed set itself (pixels, or latent codes + decoders) behind a
+  `render` signature returning the images as the model sees them, as viewable uint8 and the
+  labels. For latents this is the compact form users ship: codes + decoders, not the renders.
+* A classifier trained on the condensed set, behind a `serve` signature that takes raw uint8
+  images [B, H, W, C] and normalises inside (mean/std of the source dataset), returning logits
+  and class probabilities.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import tensorflow as tf
+
+
+def _write_atomic(module: tf.Module, path: str, signatures: dict) -> str:
+    """tf.saved_model.save into a sibling temp dir, then swap it into place."""
+    path = os.path.abspath(path)
+    tmp = path + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    tf.saved_model.save(module, tmp, signatures=signatures)
+    old = path + ".old"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    return path
+
+
+class _Generator(tf.Module):
+    def __init__(self, synthetic, mean, std):
+        super().__init__(name="esp_generator")
+        self.synthetic = synthetic                           # tracks its variables
+        self.mean = tf.constant(np.asarray(mean, np.float32))
+        self.std = tf.constant(np.asarray(std, np.float32))
+
+    @tf.function(input_signature=[])
+    def render(self):
+        images, labels = self.synthetic.render()                            # [N,H,W,C], [N]
+        pixels = tf.clip_by_value(tf.round((images * self.std + self.mean) * 255.0), 0, 255)
+        return {"images": images, "images_uint8": tf.cast(pixels, tf.uint8), "labels": labels}
+
+
+def export_generator(synthetic, mean, std, path: str) -> str:
+    """Saves the synthetic set's generator; `loaded.signatures['render']()` re-creates it."""
+    module = _Generator(synthetic, mean, std)
+    return _write_atomic(module, path, {"render": module.render})
+
+
+class _Classifier(tf.Module):
+    def __init__(self, model, mean, std):
+        super().__init__(name="esp_classifier")
+        self.model = model
+        self.mean = tf.constant(np.asarray(mean, np.float32))
+        self.std = tf.constant(np.asarray(std, np.float32))
+        shape = [None, *model.input_shape[1:]]
+        self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec(shape, tf.uint8)])
+
+    def _serve(self, images):
+        x = (tf.cast(images, tf.float32) / 255.0 - self.mean) / self.std
+        logits = self.model(x, training=False)
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
+
+
+def export_classifier(model, mean, std, path: str) -> str:
+    """Saves a trained Keras classifier with a uint8 `serve` signature (normalises inside)."""
+    module = _Classifier(model, mean, std)
+    return _write_atomic(module, path, {"serving_default": module.serve, "serve": module.serve})
