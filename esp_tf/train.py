@@ -42,7 +42,7 @@ def prepare_workdir():
     if errors:
         raise wd.UserError("invalid flags:\n  " + "\n  ".join(errors))
     os.makedirs(FLAGS.workdir, exist_ok=True)
-    old = cli.parse_flags_file(path("flags.txt")) if os.path.exists(path("flags.txt")) else None
+    old = wd.parse_flags_file(path("flags.txt")) if os.path.exists(path("flags.txt")) else None
     new = cli.flag_values()
     if old is not None and FLAGS.restart:
         for name in _OUTPUTS:

@@ -89,5 +89,21 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_flags_file(path: str) -> dict:
+    """Flag values recorded in a flags.txt written by flags_file_text (name -> raw string)."""
+    values = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("--no") and "=" not in line:
+                values[line[4:]] = "False"
+            elif line.startswith("--") and "=" in line:
+                name, value = line[2:].split("=", 1)
+                values[name] = value
+            elif line.startswith("--"):
+                values[line[2:]] = "True"
+    return values
+
+
 def fail(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr, flush=True)
