@@ -7,6 +7,7 @@ Generation is resumable: finished experts are files in the `TrajectoryStore` and
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import numpy as np
@@ -63,15 +64,31 @@ def test_accuracy(net: FlatModel, theta, real: data_lib.RealData, correct_fn=Non
     return hits / len(real.test_labels)
 
 
+def _save_partial(path: str, snapshots, velocity, step: int) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, snapshots=np.stack(snapshots), velocity=velocity, step=step)
+    os.replace(tmp, path)
+
+
 def train_expert(net: FlatModel, real: data_lib.RealData, config: ExpertConfig, seed: int,
-                 trainer: _Trainer | None = None) -> tuple[np.ndarray, float]:
-    """Trains one expert from a fresh init; returns snapshots [epochs+1, P] and its test accuracy."""
+                 trainer: _Trainer | None = None, partial_path: str | None = None,
+                 on_epoch=None) -> tuple[np.ndarray, float]:
+    """Trains one expert from a fresh init; returns snapshots [epochs+1, P] and its test accuracy.
+
+    With `partial_path`, the trajectory so far is saved after every epoch and a later call
+    continues from it (same seeds, so the result equals an uninterrupted run).
+    `on_epoch(epoch, epochs, loss)` is called after each epoch.
+    """
     trainer = trainer or _Trainer(net, config)
     theta = net.init(tf.constant([seed, 0], tf.int64))
     velocity = tf.zeros_like(theta)
-    snapshots = [theta.numpy()]
-    step = 0
-    for epoch in range(config.epochs):
+    snapshots, step = [theta.numpy()], 0
+    if partial_path and os.path.exists(partial_path):
+        saved = np.load(partial_path)
+        snapshots, step = list(saved["snapshots"]), int(saved["step"])
+        theta, velocity = tf.constant(snapshots[-1]), tf.constant(saved["velocity"])
+        logging.info("expert seed %d: resuming at epoch %d from %s", seed, len(snapshots) - 1, partial_path)
+    for epoch in range(len(snapshots) - 1, config.epochs):
         for x, y in data_lib.train_dataset(real, config.batch_size, seed=seed * 100_003 + epoch):
             theta, velocity, loss = trainer.step(theta, velocity, x, y,
                                                  tf.constant([seed, step + 1], tf.int64))
@@ -80,6 +97,10 @@ def train_expert(net: FlatModel, real: data_lib.RealData, config: ExpertConfig, 
             raise FloatingPointError(f"expert seed {seed}: loss is {float(loss)} at epoch {epoch + 1}; "
                                      "lower --expert_lr")
         snapshots.append(theta.numpy())
+        if partial_path and epoch + 1 < config.epochs:
+            _save_partial(partial_path, snapshots, velocity.numpy(), step)
+        if on_epoch:
+            on_epoch(epoch + 1, config.epochs, float(loss))
     acc = test_accuracy(net, theta, real, trainer.correct)
     return np.stack(snapshots).astype(np.float32), acc
 
@@ -96,11 +117,14 @@ def expert_meta(net: FlatModel, model_name: str, model_config: dict, dataset: st
 
 
 def generate(store: TrajectoryStore, net: FlatModel, real: data_lib.RealData, meta: TrajectoryMeta,
-             num_experts: int, config: ExpertConfig, seed: int = 0, progress=None) -> list[float]:
+             num_experts: int, config: ExpertConfig, seed: int = 0, progress=None,
+             on_epoch=None) -> list[float]:
     """Ensures experts 0..num_experts-1 exist in `store`; trains only the missing ones.
 
-    Expert k uses seed (seed, k), so an interrupted run resumes with the same experts.
-    `progress(k, done, total, acc, seconds)` is called after each expert.
+    Expert k uses seed (seed, k), so an interrupted run resumes with the same experts; an
+    expert interrupted mid-way continues from its last epoch (`.partial.npz` beside it).
+    `progress(k, done, total, acc, seconds)` is called after each expert,
+    `on_epoch(k, epoch, epochs, loss)` after each epoch.
     Returns the test accuracies of the experts trained by this call.
     """
     store.initialize(meta)
@@ -113,8 +137,13 @@ def generate(store: TrajectoryStore, net: FlatModel, real: data_lib.RealData, me
     accs = []
     for k in todo:
         t0 = time.time()
-        snapshots, acc = train_expert(net, real, config, seed=seed * 1_000_003 + k, trainer=trainer)
+        partial = store.expert_path(k) + ".partial.npz"
+        snapshots, acc = train_expert(
+            net, real, config, seed=seed * 1_000_003 + k, trainer=trainer, partial_path=partial,
+            on_epoch=(lambda e, n, loss, k=k: on_epoch(k, e, n, loss)) if on_epoch else None)
         store.write(k, snapshots)
+        if os.path.exists(partial):
+            os.remove(partial)
         accs.append(acc)
         if progress:
             progress(k, len(done) + len(accs), num_experts, acc, time.time() - t0)

@@ -89,8 +89,15 @@ def phase_experts(real, net):
     def progress(k, done, total, acc, seconds):
         bar.update(done, f"expert {k}: test acc {100 * acc:.1f}% ({seconds:.0f}s)")
 
+    epoch_bar = {}
+
+    def on_epoch(k, epoch, epochs, loss):
+        if epochs >= 10:     # long experts: a line per epoch too
+            bar_k = epoch_bar.setdefault(k, wd.Progress(f"expert {k}", epochs, done=epoch - 1))
+            bar_k.update(epoch, f"loss {loss:.3f}")
+
     accs = experts.generate(store, net, real, meta, FLAGS.num_experts, config, seed=FLAGS.seed,
-                            progress=progress)
+                            progress=progress, on_epoch=on_epoch)
     if accs:
         wd.say(f"experts: trained {len(accs)}, mean test accuracy {100 * np.mean(accs):.1f}%")
     return store, meta
