@@ -1,23 +1,34 @@
-r"""Peak memory of one ESP outer iteration (N inner steps) versus N, all measured in one run.
+r"""Peak memory of one synthetic update versus N (and IPC), ESP against MTT, all in one run.
 
-    python tools/memory_bench.py                      # N = 10,20,40,80, CIFAR-10 shapes, IPC 10
+    python tools/memory_bench.py                      # ESP, N = 10,20,40,80, CIFAR-10 shapes, IPC 10
     python tools/memory_bench.py --steps=10,80 --ipc=1
+    python tools/memory_bench.py --methods=esp,tm --ipcs=1,10,50 --plot=memory.png
 
 Each setting runs in a fresh child process (same allocator state for all). The child builds
-ConvNet-3 and the ESP step on random CIFAR-10-shaped data, runs one warm-up iteration (tracing),
-then resets the kernel's peak-RSS counter (/proc/self/clear_refs, Linux) and runs one whole
-iteration of N synthetic updates. "step peak" is the peak resident memory during that
-iteration minus the resident memory just before it: the memory the iteration itself needs.
-The process peak (VmHWM, TF runtime included) is printed beside it.
-The last line is `ESP N<max>/N<min> peak-memory ratio: <x>` on the step peak.
+ConvNet-3 on random CIFAR-10-shaped data and traces the step WITHOUT running it (oneDNN keeps
+what a run allocates, so a warm-up run would hide the memory being measured), resets the
+kernel's peak-RSS counter (/proc/self/clear_refs, Linux), runs one update for the memory and a
+second one for the time (warm). One update is:
+  esp: one outer iteration of N ESP steps (each step also updates the synthetic set);
+  tm:  one `baselines.TMStep` call, N student steps unrolled into one graph (MTT).
+Both consume N student steps. "step peak" is the peak resident memory during the measured
+update minus the resident memory just before it (first run, so one-off run set-up is in it
+for both methods); the process peak (VmHWM) is printed beside it.
+A child whose RSS passes --max_mib is killed and reported as a lower bound (">").
+With only ESP (no --methods, no other --ipcs) the output is the original one, ending with
+`ESP N<last>/N<first> peak-memory ratio: <x>` (--steps order). With esp and tm the last line is
+`TM/ESP peak-memory ratio at N=<max>: <x>`, and a PNG plot is written (own raster, no matplotlib).
 """
 from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
+import tempfile
 import time
+import zlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,23 +41,32 @@ flags.DEFINE_integer("num_classes", 10, "Classes.")
 flags.DEFINE_integer("size", 32, "Image side (3 channels).")
 flags.DEFINE_integer("width", 128, "ConvNet width.")
 flags.DEFINE_integer("real_per_class", 64, "Real images per class in the DM term.")
+flags.DEFINE_list("methods", ["esp"], "Methods: esp, tm (MTT's unrolled trajectory matching).")
+flags.DEFINE_list("ipcs", [], "IPCs of the IPC sweep at N=--ipc_steps (default: only --ipc, no sweep).")
+flags.DEFINE_integer("ipc_steps", 0, "N of the IPC sweep (0: the smallest of --steps).")
+flags.DEFINE_integer("batch_syn", 0, "TM: synthetic images per student step (0: all, MTT's default).")
+flags.DEFINE_bool("dsa", True, "DSA in both methods (as they are run); --nodsa traces much faster.")
+flags.DEFINE_integer("max_mib", 12288, "Kill a child whose RSS passes this (MiB): protects a shared machine.")
+flags.DEFINE_string("plot", None, "PNG plot path (default memory_bench.png when tm or an IPC sweep is run).")
 flags.DEFINE_integer("child", 0, "Internal: measure one setting with this N and print JSON.")
+flags.DEFINE_enum("child_method", "esp", ["esp", "tm"], "Internal: method of the --child setting.")
 FLAGS = flags.FLAGS
+METHODS = ("esp", "tm")
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
+def _status_kib(field: str, pid="self") -> int:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+    raise RuntimeError(f"{field} not in /proc/{pid}/status (Linux only)")
 
 
-def _child(n_steps: int) -> dict:
+def _child(n_steps: int, method: str) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
-    from esp_tf import data as data_lib, esp, models, subspace
+    from esp_tf import augment, baselines, data as data_lib, esp, models, subspace
     from esp_tf.synthetic import PixelSynthetic
 
     c, hw = FLAGS.num_classes, FLAGS.size
@@ -59,54 +79,216 @@ def _child(n_steps: int) -> dict:
         std=np.full(3, 0.25, np.float32))
     net = models.FlatModel(models.build("convnet3", (hw, hw, 3), c, width=FLAGS.width))
     syn = PixelSynthetic(c, FLAGS.ipc, (hw, hw, 3), init="gaussian")
-    step = esp.ESPStep(net, syn, {"pixels": keras.optimizers.Adam(0.01)},
-                       data_lib.ClassBalancedSampler(real),
-                       esp.ESPConfig(real_per_class=FLAGS.real_per_class))
     theta0 = net.init([0, 0])
-    basis = subspace.basis(tf.stack([theta0 + 0.01 * i for i in range(3)]))
+    dsa = augment.DSAConfig() if FLAGS.dsa else None
+    if method == "esp":
+        step = esp.ESPStep(net, syn, {"pixels": keras.optimizers.Adam(0.01)},
+                           data_lib.ClassBalancedSampler(real),
+                           esp.ESPConfig(real_per_class=FLAGS.real_per_class, dsa=dsa))
+        basis = subspace.basis(tf.stack([theta0 + 0.01 * i for i in range(3)]))
 
-    def iteration(n, it):
-        theta = theta0
-        for i in range(n):
-            theta, m = step(theta, basis, [it, i])
-        return float(m["loss"])     # forces completion
+        def iteration(it):
+            theta = theta0
+            for i in range(n_steps):
+                theta, m = step(theta, basis, [it, i])
+            return float(m["loss"])     # forces completion
+        args, updates = (theta0, basis), n_steps     # ESP updates the synthetic set at every step
+    else:
+        # MTT's optimizers: SGD momentum 0.5 on pixels (lr_img) and on the student lr (lr_lr).
+        opts = {"pixels": keras.optimizers.SGD(100.0, momentum=0.5),
+                "lr": keras.optimizers.SGD(1e-5, momentum=0.5)}
+        step = baselines.TMStep(net, syn, opts, None, baselines.TMConfig(
+            inner_steps=n_steps, batch_syn=FLAGS.batch_syn or None, dsa=dsa))
+        target = theta0 + 0.01 * tf.random.stateless_normal(theta0.shape, [1, 1])
 
-    iteration(2, 0)                                   # trace + warm-up
+        def iteration(it):
+            return float(step(theta0, target, [it, 0])["loss"])
+        args, updates = (theta0, target), 1          # one TM call = one synthetic update
+
+    # Trace without running: oneDNN keeps the memory a run allocates, so a warm-up run would
+    # hide the update's own memory from the measurement (RSS stays at its peak afterwards).
+    step._compiled.get_concrete_function(*args, tf.constant([0, 0], tf.int64))
     with open("/proc/self/clear_refs", "w") as f:     # reset VmHWM to the current RSS
         f.write("5")
     before = _status_kib("VmRSS")
-    t0 = time.time()
-    iteration(n_steps, 1)
-    seconds = time.time() - t0
+    iteration(1)                                      # first run: memory (incl. one-off run set-up)
     peak = _status_kib("VmHWM")
-    return {"n": n_steps, "step_peak_mib": (peak - before) / 1024, "process_peak_mib": peak / 1024,
-            "seconds_per_update": seconds / n_steps, "traces": step.trace_count}
+    t0 = time.time()
+    iteration(2)                                      # second run: time, warm
+    seconds = time.time() - t0
+    return {"method": method, "n": n_steps, "ipc": FLAGS.ipc, "step_peak_mib": (peak - before) / 1024,
+            "process_peak_mib": peak / 1024, "seconds_per_iteration": seconds,
+            "seconds_per_update": seconds / updates, "traces": step.trace_count}
 
 
-def main(argv):
-    if FLAGS.child:
-        print("RESULT " + json.dumps(_child(FLAGS.child)), flush=True)
-        return
-    steps = [int(s) for s in FLAGS.steps]
+def _measure(method: str, n: int, ipc: int) -> dict:
+    """Runs one child, killing it past --max_mib; returns its row (killed=True: a lower bound)."""
+    cmd = [sys.executable, os.path.abspath(__file__), f"--child={n}", f"--child_method={method}",
+           f"--ipc={ipc}"] + [f"--{k}={getattr(FLAGS, k)}" for k in
+                              ("num_classes", "size", "width", "real_per_class", "batch_syn", "dsa")]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc, peak, t0 = subprocess.Popen(cmd, stdout=out, stderr=err, text=True), 0, time.time()
+        while proc.poll() is None:
+            try:
+                peak = max(peak, _status_kib("VmRSS", proc.pid))
+            except (OSError, RuntimeError):   # exiting between poll() and the read
+                pass
+            if peak > FLAGS.max_mib * 1024:
+                proc.kill()
+                proc.wait()
+                return {"method": method, "n": n, "ipc": ipc, "killed": True, "step_peak_mib": peak / 1024,
+                        "process_peak_mib": peak / 1024, "seconds_per_iteration": time.time() - t0,
+                        "seconds_per_update": float("nan")}
+            time.sleep(0.05)
+        out.seek(0), err.seek(0)
+        lines = [l for l in out.read().splitlines() if l.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            sys.exit(f"child for {method} N={n} IPC={ipc} failed:\n{err.read()[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _legacy(steps):
+    """The original ESP-only report, byte for byte."""
     rows = []
     print(f"ESP peak memory, ConvNet-3 width {FLAGS.width}, {FLAGS.size}x{FLAGS.size}x3, "
           f"{FLAGS.num_classes} classes, IPC {FLAGS.ipc}, DM real batch {FLAGS.real_per_class}/class",
           flush=True)
     print(f"{'N':>4} {'step peak MiB':>14} {'process peak MiB':>17} {'s/update':>9}", flush=True)
     for n in steps:
-        cmd = [sys.executable, os.path.abspath(__file__), f"--child={n}"] + [
-            f"--{k}={getattr(FLAGS, k)}" for k in ("ipc", "num_classes", "size", "width", "real_per_class")]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-        if out.returncode != 0 or not lines:
-            sys.exit(f"child for N={n} failed:\n{out.stderr[-3000:]}")
-        row = json.loads(lines[-1][len("RESULT "):])
+        row = _measure("esp", n, FLAGS.ipc)
+        if row.get("killed"):
+            sys.exit(f"child for N={n} passed --max_mib={FLAGS.max_mib} and was killed")
         rows.append(row)
         print(f"{n:>4} {row['step_peak_mib']:>14.1f} {row['process_peak_mib']:>17.1f} "
               f"{row['seconds_per_update']:>9.3f}", flush=True)
-    lo, hi = rows[0], rows[-1]
-    print(f"ESP N{hi['n']}/N{lo['n']} peak-memory ratio: "
-          f"{hi['step_peak_mib'] / max(lo['step_peak_mib'], 1e-9):.3f}", flush=True)
+    return rows
+
+
+def _compare(methods, steps, ipcs, ipc_n):
+    """Every method at every N (IPC --ipc), then every IPC at N=ipc_n; one table row per setting."""
+    settings = [(m, n, FLAGS.ipc) for m in methods for n in steps]
+    settings += [(m, ipc_n, i) for m in methods for i in ipcs if (m, ipc_n, i) not in settings]
+    print(f"Peak memory of one synthetic update (esp: N ESP steps; tm: one MTT update of N unrolled "
+          f"steps, batch_syn {FLAGS.batch_syn or 'all'}, DSA {'on' if FLAGS.dsa else 'off'}), "
+          f"ConvNet-3 width {FLAGS.width}, {FLAGS.size}x{FLAGS.size}x3, {FLAGS.num_classes} classes, "
+          f"DM real batch {FLAGS.real_per_class}/class", flush=True)
+    print(f"{'method':>6} {'N':>4} {'IPC':>4} {'step peak MiB':>14} {'process peak MiB':>17} "
+          f"{'s/iteration':>12} {'s/update':>9}", flush=True)
+    rows = []
+    for method, n, ipc in settings:
+        row = _measure(method, n, ipc)
+        rows.append(row)
+        mark = ">" if row.get("killed") else " "
+        print(f"{method:>6} {n:>4} {ipc:>4} {mark}{row['step_peak_mib']:>13.1f} {mark}"
+              f"{row['process_peak_mib']:>16.1f} {row['seconds_per_iteration']:>12.3f} "
+              f"{row['seconds_per_update']:>9.3f}", flush=True)
+    return rows
+
+
+def main(argv):
+    if FLAGS.child:
+        print("RESULT " + json.dumps(_child(FLAGS.child, FLAGS.child_method)), flush=True)
+        return
+    steps = [int(s) for s in FLAGS.steps]
+    methods = [m for m in METHODS if m in FLAGS.methods]
+    if not methods or len(methods) != len(set(FLAGS.methods)):
+        sys.exit(f"--methods must be a non-empty subset of {','.join(METHODS)}, got {FLAGS.methods}")
+    ipcs = [int(i) for i in FLAGS.ipcs] or [FLAGS.ipc]
+    ipc_n = FLAGS.ipc_steps or min(steps)
+    if methods == ["esp"] and ipcs == [FLAGS.ipc]:
+        rows = _legacy(steps)
+        if FLAGS.plot:
+            _plot(rows, ipc_n, FLAGS.plot)
+    else:
+        rows = _compare(methods, steps, ipcs, ipc_n)
+        _plot(rows, ipc_n, FLAGS.plot or "memory_bench.png")
+    for method in methods:
+        at = {r["n"]: r for r in rows if r["method"] == method and r["ipc"] == FLAGS.ipc}
+        lo, hi = at[steps[0]], at[steps[-1]]       # --steps order, as the original report
+        bound = ">=" if hi.get("killed") else ""
+        print(f"{method.upper()} N{hi['n']}/N{lo['n']} peak-memory ratio: {bound}"
+              f"{hi['step_peak_mib'] / max(lo['step_peak_mib'], 1e-9):.3f}", flush=True)
+    if methods == ["esp", "tm"]:
+        esp, tm = ({r["method"]: r for r in rows if r["n"] == max(steps) and r["ipc"] == FLAGS.ipc}[m]
+                   for m in methods)
+        bound = ">=" if tm.get("killed") else ""
+        print(f"TM/ESP peak-memory ratio at N={max(steps)}: {bound}"
+              f"{tm['step_peak_mib'] / max(esp['step_peak_mib'], 1e-9):.3f}", flush=True)
+
+
+# -- a PNG plot drawn by hand (numpy raster + zlib), so the tool needs no plotting library -----
+_FONT = {ch: bits for ch, bits in zip("0123456789.ABCEIKMNPSTV=/>", (
+    "111101101101111 010110010010111 111001111100111 111001111001111 101101111001001 "
+    "111100111001111 111100111101111 111001001001001 111101111101111 111101111001111 "
+    "000000000000010 010101111101101 110101110101110 111100100100111 111100110100111 "
+    "111010010010111 101101110101101 101111101101101 110101101101101 110101110100100 "
+    "111100111001111 111010010010010 101101101101010 000111000111000 001001010100100 "
+    "100010001010100").split())}
+_COLORS = {"esp": (30, 90, 200), "tm": (210, 40, 40)}
+
+
+def _text(img, x, y, s, color=(0, 0, 0), k=2):
+    for ch in s.upper():
+        bits = _FONT.get(ch, "0" * 15)
+        for i, b in enumerate(bits):
+            if b == "1":
+                r, c = y + (i // 3) * k, x + (i % 3) * k
+                img[r:r + k, c:c + k] = color
+        x += 4 * k
+
+
+def _panel(img, x0, rows, key, title):
+    """One plot in the 360x260 box at column x0: step peak MiB against `key`, one line per method."""
+    left, top, w, h = x0 + 60, 30, 280, 190
+    img[top:top + h + 1, left] = 0
+    img[top + h, left:left + w + 1] = 0
+    _text(img, left, 8, title)
+    xs = sorted({r[key] for r in rows}) or [0]
+    y_max = max([r["step_peak_mib"] for r in rows] + [1e-9]) * 1.1
+
+    def px(v):                                           # linear axis, 5% margins
+        span = (xs[-1] - xs[0]) or 1
+        return left + int(w * (0.05 + 0.9 * (v - xs[0]) / span if len(xs) > 1 else 0.5))
+
+    def py(mib):
+        return top + h - int(h * mib / y_max)
+
+    for frac in (0.0, 0.5, 1.0):
+        _text(img, x0 + 2, py(frac * y_max) - 5, f"{frac * y_max:.{0 if y_max >= 10 else 2}f}")
+    for v in xs:
+        _text(img, px(v) - 6, top + h + 8, str(v))
+    for m, color in _COLORS.items():
+        pts = [(px(r[key]), py(r["step_peak_mib"]), r.get("killed")) for r in
+               sorted((r for r in rows if r["method"] == m), key=lambda r: r[key])]
+        for (xa, ya, _), (xb, yb, _) in zip(pts, pts[1:]):
+            for t in [i / 200 for i in range(201)]:
+                r, c = int(ya + t * (yb - ya)), int(xa + t * (xb - xa))
+                img[r - 1:r + 1, c - 1:c + 1] = color
+        for xa, ya, killed in pts:
+            img[ya - 3:ya + 4, xa - 3:xa + 4] = color
+            if killed:
+                _text(img, xa + 6, ya - 5, ">", color)
+
+
+def _plot(rows, ipc_n, path):
+    """Writes `path`: step peak MiB vs N (IPC --ipc) and vs IPC (N=ipc_n); ESP blue, TM red."""
+    import numpy as np
+    img = np.full((260, 720, 3), 255, np.uint8)           # [H, W, RGB]
+    _panel(img, 0, [r for r in rows if r["ipc"] == FLAGS.ipc], "n", "PEAK MIB VS N")
+    _panel(img, 360, [r for r in rows if r["n"] == ipc_n], "ipc", f"PEAK MIB VS IPC  N={ipc_n}")
+    for i, m in enumerate(_COLORS):                       # legend, top left of the N panel
+        _text(img, 80, 40 + 16 * i, m, _COLORS[m])
+    raw = b"".join(b"\x00" + img[r].tobytes() for r in range(img.shape[0]))
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    header = struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 2, 0, 0, 0)   # 8-bit RGB
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    with open(path + ".tmp", "wb") as f:
+        f.write(png)
+    os.replace(path + ".tmp", path)
+    print(f"plot: {path} (step peak MiB; blue esp, red tm)", flush=True)
 
 
 if __name__ == "__main__":
