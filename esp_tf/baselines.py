@@ -24,53 +24,13 @@ import numpy as np
 import tensorflow as tf
 
 from esp_tf import augment
-from esp_tf.esp import dm_loss
+from esp_tf.esp import apply_grads as _apply, augment_by_class, dm_loss, real_class_means, siamese_params
 from esp_tf.models import FlatModel
-
-
-# -- shared pieces (the same Siamese scheme as ESPStep._real_means / ESPStep._step) ------------
-def siamese_params(seed, num_classes: int, image_size, dsa):
-    """One DSA parameter draw per class ([C]-leading dict), or None when dsa is None."""
-    if dsa is None:
-        return None
-    return augment.sample(seed, num_classes, tuple(image_size), dsa)
-
-
-def augment_by_class(x, labels, params):
-    """Augments x [B, H, W, Ch] with the draw of each sample's class (identity if params is None)."""
-    return x if params is None else augment.apply(x, augment.take(params, labels))
-
-
-def real_class_means(net: FlatModel, theta, sampler, seed, per_class: int, num_classes: int,
-                     params) -> tf.Tensor:
-    """Mean embedding [C, D] of a fresh class-balanced real batch at theta, gradient stopped.
-
-    Classes are embedded one at a time (map_fn) so memory is that of one class batch.
-    """
-    x, y = sampler.sample(seed, per_class)                        # [C*r, H, W, Ch], [C*r]
-    x = tf.reshape(x, [num_classes, per_class, *x.shape[1:]])     # [C, r, H, W, Ch]
-    y = tf.reshape(y, [num_classes, per_class])                   # [C, r]
-
-    def one_class(args):
-        xc, yc = args
-        return tf.reduce_mean(net.features(theta, augment_by_class(xc, yc, params)), axis=0)
-
-    means = tf.map_fn(one_class, (x, y), fn_output_signature=theta.dtype, parallel_iterations=1)
-    return tf.stop_gradient(means)
 
 
 def _check_optimizers(optimizers: dict, names) -> None:
     if set(optimizers) != set(names):
         raise ValueError(f"need one optimizer for each of {sorted(names)}, got {sorted(optimizers)}")
-
-
-def _apply(optimizers: dict, groups: dict, grads: list) -> None:
-    """Applies grads (ordered as sorted(groups), then each group's variables) group by group."""
-    start = 0
-    for name in sorted(groups):
-        n = len(groups[name])
-        optimizers[name].apply(grads[start:start + n], groups[name])
-        start += n
 
 
 # -- DM -----------------------------------------------------------------------------------------

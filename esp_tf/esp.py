@@ -49,6 +49,46 @@ def dm_loss(real_means: tf.Tensor, syn_features: tf.Tensor, syn_labels: tf.Tenso
     return tf.reduce_sum(tf.square(real_means - syn_means))
 
 
+# -- Siamese augmentation and DM pieces, shared with the baselines (DMStep, TMStep) ----------
+def siamese_params(seed, num_classes: int, image_size, dsa):
+    """One DSA parameter draw per class ([C]-leading dict), or None when dsa is None."""
+    if dsa is None:
+        return None
+    return augment.sample(seed, num_classes, tuple(image_size), dsa)
+
+
+def augment_by_class(x, labels, params):
+    """Augments x [B, H, W, Ch] with the draw of each sample's class (identity if params is None)."""
+    return x if params is None else augment.apply(x, augment.take(params, labels))
+
+
+def real_class_means(net: FlatModel, theta, sampler, seed, per_class: int, num_classes: int,
+                     params) -> tf.Tensor:
+    """Mean embedding [C, D] of a fresh class-balanced real batch at theta, gradient stopped.
+
+    Classes are embedded one at a time (map_fn) so memory is that of one class batch.
+    """
+    x, y = sampler.sample(seed, per_class)                        # [C*r, H, W, Ch], [C*r]
+    x = tf.reshape(x, [num_classes, per_class, *x.shape[1:]])     # [C, r, H, W, Ch]
+    y = tf.reshape(y, [num_classes, per_class])                   # [C, r]
+
+    def one_class(args):
+        xc, yc = args
+        return tf.reduce_mean(net.features(theta, augment_by_class(xc, yc, params)), axis=0)
+
+    means = tf.map_fn(one_class, (x, y), fn_output_signature=theta.dtype, parallel_iterations=1)
+    return tf.stop_gradient(means)
+
+
+def apply_grads(optimizers: dict, groups: dict, grads: list) -> None:
+    """Applies grads (ordered as sorted(groups), then each group's variables) group by group."""
+    start = 0
+    for name in sorted(groups):
+        n = len(groups[name])
+        optimizers[name].apply(grads[start:start + n], groups[name])
+        start += n
+
+
 def outer_loss(net: FlatModel, theta, basis, x_aug, y_syn, real_means, config: ESPConfig):
     """L_out = L_DM + beta * ||G - E E^T G||_1 at theta for the (augmented) synthetic images.
 
@@ -99,50 +139,24 @@ class ESPStep:
     def __call__(self, theta, basis, seed):
         return self._compiled(theta, basis, tf.cast(seed, tf.int64))
 
-    # -- pieces ---------------------------------------------------------------------------
-    def _augment(self, x, params, labels):
-        if self.config.dsa is None:
-            return x
-        return augment.apply(x, augment.take(params, labels))
-
-    def _real_means(self, theta, params, seed) -> tf.Tensor:
-        """Mean embedding [C, D] of a fresh class-balanced real batch at theta, no gradient.
-
-        Classes are embedded one at a time (map_fn) so memory is that of one class batch.
-        """
-        r = self.config.real_per_class
-        x, y = self.sampler.sample(seed, r)                           # [C*r, H, W, Ch], [C*r]
-        c = self.synthetic.num_classes
-        x = tf.reshape(x, [c, r, *x.shape[1:]])
-        y = tf.reshape(y, [c, r])
-
-        def one_class(args):
-            xc, yc = args
-            return tf.reduce_mean(self.net.features(theta, self._augment(xc, params, yc)), axis=0)
-
-        means = tf.map_fn(one_class, (x, y), fn_output_signature=tf.float32, parallel_iterations=1)
-        return tf.stop_gradient(means)
-
     def _step(self, theta, basis, seed):
         self.trace_count += 1       # Python side effect: runs only while tracing
         cfg = self.config
         aug_seed, real_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         num_classes = self.synthetic.num_classes
-        params = None
-        if cfg.dsa is not None:     # one draw per class, shared by its real and synthetic images
-            params = augment.sample(aug_seed, num_classes, self.synthetic.image_shape[:2], cfg.dsa)
-        real_means = self._real_means(theta, params, real_seed) if "dm" in cfg.losses else None
+        # one draw per class, shared by its real and synthetic images
+        params = siamese_params(aug_seed, num_classes, self.synthetic.image_shape[:2], cfg.dsa)
+        real_means = None
+        if "dm" in cfg.losses:
+            real_means = real_class_means(self.net, theta, self.sampler, real_seed,
+                                          cfg.real_per_class, num_classes, params)
 
         variables = [v for name in sorted(self.groups) for v in self.groups[name]]
         with tf.GradientTape() as outer:
             x_syn, y_syn = self.synthetic.render()
-            x_aug = self._augment(x_syn, params, y_syn)
+            x_aug = augment_by_class(x_syn, y_syn, params)
             loss, aux = outer_loss(self.net, theta, basis, x_aug, y_syn, real_means, cfg)
         grads = outer.gradient(loss, variables)
-        start = 0
-        for name in sorted(self.groups):
-            n = len(self.groups[name])
-            self.optimizers[name].apply(grads[start:start + n], self.groups[name])
-            start += n
+        apply_grads(self.optimizers, self.groups, grads)
         theta_next = theta - cfg.inner_lr * tf.stop_gradient(aux.pop("g_in"))   # eq. 6
         return theta_next, {"loss": loss, **aux}

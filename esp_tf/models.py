@@ -94,6 +94,8 @@ ARCHS: dict[str, Callable[..., keras.Model]] = {
     "convnet3": lambda s, c, **kw: convnet(s, c, **{"depth": 3, **kw}),
     "convnet_tiny": lambda s, c, **kw: convnet(s, c, **{"width": 8, "depth": 2, **kw}),
 }
+from esp_tf import archs as _archs  # noqa: E402  (ResNet-10, DenseNet-121, EfficientNetV2-S)
+ARCHS.update(_archs.ARCHS)
 
 
 def build(name: str, input_shape, num_classes: int, **kwargs) -> keras.Model:

@@ -1,0 +1,137 @@
+"""Reading ANY condensed set for evaluation: our workdirs, prepared TFDS directories, TFDS names.
+
+Why a module of its own: the evaluation CLI must score condensed sets made by esp_tf, by its
+exports, or by anyone who publishes a TFDS dataset, against the real test split of their
+source dataset. Three kinds are recognised, in this order:
+
+1. a workdir of `esp_tf.train`: `synthetic.npz` (normalised float32 `images`, `labels`) and
+   `flags.txt`, whose --dataset / --data_dir name the source dataset;
+2. a prepared TFDS directory (holding `dataset_info.json`, or version folders that do), read
+   with `tfds.builder_from_directory`, e.g. our exports (esp_tf/export.py);
+3. a TFDS dataset name prepared in `data_dir` (never downloaded).
+TFDS sets provide uint8 `image` + `label` and optionally `image_normalized` (used as is); their
+source dataset comes from `info.metadata['source_dataset']` unless `source_dataset` is given.
+Anything else is a `UserError` that says what was looked for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from esp_tf.workdir import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class CondensedSet:
+    kind: str                  # "workdir", "tfds_dir" or "tfds_name"
+    label: str                 # default row label of the results table, e.g. "esp ipc10"
+    labels: np.ndarray         # int32 [N]
+    source_dataset: str        # TFDS name of the real dataset it condenses
+    data_dir: str | None       # TFDS data_dir of the source dataset (None: TFDS default)
+    images: np.ndarray | None = None         # normalised float32 [N,H,W,C], when stored
+    pixels: np.ndarray | None = None         # uint8 [N,H,W,C], to normalise with source stats
+
+    def normalized(self, mean, std) -> np.ndarray:
+        """Normalised float32 images; uint8 pixels are normalised with the source statistics."""
+        if self.images is not None:
+            return self.images
+        from esp_tf import data as data_lib
+        return data_lib.normalize(self.pixels, mean, std).numpy()
+
+
+def _ipc(labels) -> int:
+    return int(np.bincount(labels).max()) if len(labels) else 0
+
+
+def _read_flags_file(path: str) -> dict:
+    """--name=value lines of a flags.txt (booleans as --name / --noname) -> {name: str}."""
+    values = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("--") and "=" in line:
+                name, value = line[2:].split("=", 1)
+                values[name] = value
+            elif line.startswith("--no"):
+                values[line[4:]] = "False"
+            elif line.startswith("--"):
+                values[line[2:]] = "True"
+    return values
+
+
+def _from_workdir(path, data_dir, source_dataset) -> CondensedSet:
+    flags_path = os.path.join(path, "flags.txt")
+    recorded = _read_flags_file(flags_path) if os.path.exists(flags_path) else {}
+    source = source_dataset or recorded.get("dataset")
+    if not source:
+        raise UserError(f"{path} has synthetic.npz but no flags.txt naming its --dataset; "
+                        "pass --source_dataset=<TFDS name>")
+    with np.load(os.path.join(path, "synthetic.npz")) as saved:
+        if "images" not in saved or "labels" not in saved:
+            raise UserError(f"{path}/synthetic.npz lacks 'images'/'labels' (has {list(saved)})")
+        images, labels = saved["images"].astype(np.float32), saved["labels"].astype(np.int32)
+    label = f"{recorded.get('method', 'esp')} ipc{_ipc(labels)}"
+    return CondensedSet("workdir", label, labels, source, data_dir or recorded.get("data_dir") or None,
+                        images=images)
+
+
+def _version_dir(path) -> str | None:
+    """`path` itself if it is a prepared TFDS version folder, else its newest version folder."""
+    if os.path.isfile(os.path.join(path, "dataset_info.json")):
+        return path
+    versions = [d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "dataset_info.json"))]
+    if not versions:
+        return None
+    import tensorflow_datasets as tfds
+    return os.path.join(path, max(versions, key=tfds.core.Version))
+
+
+def _from_builder(builder, kind, data_dir, source_dataset) -> CondensedSet:
+    import tensorflow_datasets as tfds
+    info = builder.info
+    if "train" not in info.splits:
+        raise UserError(f"{info.full_name}: a condensed set is read from its 'train' split "
+                        f"(splits: {sorted(info.splits)})")
+    keys = info.supervised_keys if isinstance(info.supervised_keys, tuple) else ("image", "label")
+    image_key, label_key = keys[0], keys[1]
+    if image_key not in info.features or label_key not in info.features:
+        raise UserError(f"{info.full_name} has no {image_key!r}/{label_key!r} features "
+                        f"(has {list(info.features)})")
+    arrays = tfds.as_numpy(builder.as_dataset(split="train", batch_size=-1, shuffle_files=False))
+    labels = arrays[label_key].astype(np.int32)
+    images = arrays["image_normalized"].astype(np.float32) if "image_normalized" in arrays else None
+    pixels = arrays[image_key] if images is None else None
+    if pixels is not None and pixels.ndim == 3:
+        pixels = pixels[..., None]
+    meta = dict(info.metadata or {})
+    source = source_dataset or meta.get("source_dataset")
+    if not source:
+        raise UserError(f"{info.full_name} does not record its source dataset "
+                        "(info.metadata['source_dataset']); pass --source_dataset=<TFDS name>")
+    label = f"{meta.get('method', info.name)} ipc{_ipc(labels)}"
+    return CondensedSet(kind, label, labels, source, data_dir, images=images, pixels=pixels)
+
+
+def resolve(spec: str, data_dir: str | None = None, source_dataset: str | None = None) -> CondensedSet:
+    """Reads the condensed set `spec` (a workdir, a prepared TFDS directory or a TFDS name)."""
+    import tensorflow_datasets as tfds
+    if os.path.isdir(spec):
+        if os.path.isfile(os.path.join(spec, "synthetic.npz")):
+            return _from_workdir(spec, data_dir, source_dataset)
+        version_dir = _version_dir(spec)
+        if version_dir is not None:
+            return _from_builder(tfds.builder_from_directory(version_dir), "tfds_dir", data_dir, source_dataset)
+        raise UserError(f"{spec} is a directory but neither an esp_tf workdir (synthetic.npz + "
+                        "flags.txt) nor a prepared TFDS dataset (dataset_info.json)")
+    root = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+    base = spec.partition(":")[0]
+    if not os.path.isdir(os.path.join(root, *base.split("/"))):
+        raise UserError(f"--condensed={spec!r} is not a directory, and no TFDS dataset {base!r} is "
+                        f"prepared in data_dir {root!r}. Give an esp_tf workdir, a prepared TFDS "
+                        "directory, or the name of a TFDS dataset in --data_dir.")
+    builder = tfds.builder(spec, data_dir=root)
+    if not builder.is_prepared():
+        raise UserError(f"TFDS dataset {spec!r} in {root!r} is not prepared")
+    return _from_builder(builder, "tfds_name", data_dir, source_dataset)

@@ -1,0 +1,233 @@
+"""Evaluation: every kind of condensed set resolves, runs are reproducible per seed, the IDC
+protocol (lr steps, CutMix, DSA without cutout) is right, and the CLI works end to end."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO
+from esp_tf import condensed, data, evaluate, export
+from esp_tf.workdir import UserError
+
+SOURCE = "fashion_mnist_mini"
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """A tfds data_dir with the embedded source, a fake workdir and two exports (1 image/class)."""
+    tmp = tmp_path_factory.mktemp("condensed")
+    tfds_dir = str(tmp / "tfds")
+    real = data.load(SOURCE, tfds_dir)
+    idx = np.searchsorted(real.train_labels, np.arange(10))           # first image of each class
+    pixels, labels = real.train_images[idx], real.train_labels[idx]
+    images = data.normalize(pixels, real.mean, real.std).numpy()
+    work = tmp / "work"
+    work.mkdir()
+    np.savez(work / "synthetic.npz", images=images, labels=labels)
+    (work / "flags.txt").write_text(f"--dataset={SOURCE}\n--data_dir={tfds_dir}\n--method=esp\n--ipc=1\n")
+    common = dict(data_dir=tfds_dir, images=pixels, labels=labels, class_names=list(real.class_names))
+    with_float = export.export_tfds(name="tiny_export", images_normalized=images + 0.5,
+                                    metadata={"source_dataset": SOURCE, "method": "esp"}, **common)
+    pixels_only = export.export_tfds(name="tiny_pixels", metadata={"source_dataset": SOURCE}, **common)
+    return dict(tmp=tmp, tfds_dir=tfds_dir, real=real, images=images, labels=labels, work=str(work),
+                with_float=with_float, pixels_only=pixels_only)
+
+
+# ---------------------------------------------------------------- condensed-set kinds
+def test_workdir_resolves_to_its_images_and_recorded_source_dataset(sets):
+    c = condensed.resolve(sets["work"])
+    assert (c.kind, c.source_dataset, c.data_dir, c.label) == ("workdir", SOURCE, sets["tfds_dir"], "esp ipc1")
+    np.testing.assert_array_equal(c.normalized(None, None), sets["images"])
+    np.testing.assert_array_equal(c.labels, sets["labels"])
+
+
+def test_export_resolves_by_directory_and_by_name_from_its_metadata(sets):
+    by_version_dir = condensed.resolve(sets["with_float"], sets["tfds_dir"])
+    by_dataset_dir = condensed.resolve(os.path.dirname(sets["with_float"]), sets["tfds_dir"])
+    by_name = condensed.resolve("tiny_export", sets["tfds_dir"])
+    assert [c.kind for c in (by_version_dir, by_dataset_dir, by_name)] == ["tfds_dir", "tfds_dir", "tfds_name"]
+    for c in (by_version_dir, by_dataset_dir, by_name):
+        assert c.source_dataset == SOURCE and c.label == "esp ipc1"
+        np.testing.assert_array_equal(c.normalized(None, None), sets["images"] + 0.5)  # stored floats win
+        np.testing.assert_array_equal(c.labels, sets["labels"])
+
+
+def test_uint8_only_sets_are_normalised_with_the_source_statistics(sets):
+    c = condensed.resolve("tiny_pixels", sets["tfds_dir"])
+    real = sets["real"]
+    np.testing.assert_allclose(c.normalized(real.mean, real.std), sets["images"], atol=1e-6)
+
+
+def test_source_dataset_argument_overrides_the_recorded_one(sets):
+    assert condensed.resolve(sets["work"], source_dataset="cifar10").source_dataset == "cifar10"
+    assert condensed.resolve("tiny_export", sets["tfds_dir"], "mnist").source_dataset == "mnist"
+
+
+def test_anything_else_is_a_user_error_naming_what_was_looked_for(sets, tmp_path):
+    with pytest.raises(UserError, match="neither an esp_tf workdir"):
+        condensed.resolve(str(tmp_path))
+    with pytest.raises(UserError, match="no TFDS dataset 'no_such_set'"):
+        condensed.resolve("no_such_set", sets["tfds_dir"])
+
+
+# ---------------------------------------------------------------- protocols
+def test_standard_lr_drops_tenfold_at_half_and_idc_by_five_at_two_thirds_and_five_sixths():
+    std = evaluate.protocol_config("standard", "convnet3", epochs=1000)
+    lrs = [evaluate.learning_rate(std, e) for e in (0, 499, 500, 999)]
+    assert lrs == pytest.approx([0.01, 0.01, 0.001, 0.001])
+    idc = evaluate.protocol_config("idc", "resnet10", epochs=1000)
+    lrs = [evaluate.learning_rate(idc, e) for e in (0, 665, 666, 832, 833, 999)]
+    assert lrs == pytest.approx([0.01, 0.01, 0.002, 0.002, 0.0004, 0.0004])
+    assert (idc.batch_size, idc.cutmix_prob, idc.cutmix_beta) == (64, 0.5, 1.0)
+    assert (std.batch_size, std.cutmix_prob, std.dsa.families[2]) == (256, 0.0, "cutout")
+
+
+def test_idc_augmentation_is_flip_and_color_always_then_one_geometric_family_never_cutout():
+    from esp_tf import augment
+    idc = evaluate.protocol_config("idc", "resnet10")
+    assert "cutout" not in idc.dsa.families
+    seen = set()
+    for s in range(12):
+        groups = evaluate.augment_params(tf.constant([s, 0]), 4, (32, 32), idc)
+        fams = [{augment.FAMILIES[int(f)] for f in p["family"].numpy()} for p in groups]
+        assert fams[:2] == [{"flip"}, {"color"}] and len(fams) == 3 and len(fams[2]) == 1
+        seen |= fams[2]
+    assert seen == {"crop", "scale", "rotate"}
+
+
+def test_cutmix_pastes_one_box_of_the_permuted_batch_and_ratio_is_the_kept_area():
+    x = tf.reshape(tf.range(6 * 8 * 8 * 2, dtype=tf.float32), (6, 8, 8, 2))
+    y = tf.range(6)
+    for s in range(5):
+        mixed, y_b, ratio = evaluate.cutmix(tf.constant([s, 1]), x, y, prob=1.0)
+        box = evaluate.cutmix_box(tf.constant([s, 1]), 6, 8, 8, 1.0, 1.0)
+        perm = box["perm"].numpy()
+        assert sorted(perm) == list(range(6)) and np.array_equal(y_b.numpy(), perm)
+        changed = np.any(mixed.numpy() != x.numpy(), axis=(0, 3))       # [H, W]
+        r0, r1, c0, c1 = (int(box[k]) for k in ("y1", "y2", "x1", "x2"))
+        inside = np.zeros((8, 8), bool)
+        inside[r0:r1, c0:c1] = True
+        assert np.array_equal(changed, inside) or perm.tolist() == list(range(6))
+        np.testing.assert_array_equal(mixed.numpy()[:, inside], x.numpy()[perm][:, inside])
+        assert float(ratio) == pytest.approx(1 - inside.sum() / 64)
+    same, _, ratio = evaluate.cutmix(tf.constant([0, 1]), x, y, prob=0.0)
+    assert np.array_equal(same.numpy(), x.numpy()) and float(ratio) == 1.0
+
+
+def test_cutmix_happens_with_its_probability_and_beta_one_draws_uniform_lambda():
+    draw = tf.function(lambda s: evaluate.cutmix_box(s, 8, 32, 32, 0.5, 1.0))
+    boxes = [draw(tf.constant([s, 7])) for s in range(400)]
+    applied = np.mean([bool(b["applied"]) for b in boxes])
+    lam = np.array([float(b["lam"]) for b in boxes])
+    assert 0.42 < applied < 0.58
+    assert abs(lam.mean() - 0.5) < 0.04 and abs(np.quantile(lam, 0.25) - 0.25) < 0.06
+
+
+# ---------------------------------------------------------------- training runs
+def test_a_seed_reproduces_a_batchnorm_run_and_another_seed_does_not(sets):
+    # Stateless nets re-initialise through FlatModel.init (test_models); BatchNorm nets are
+    # rebuilt under the seed. CutMix on, DSA off: DSA's seeding is test_augment's business.
+    x, y = sets["images"][:8], sets["labels"][:8]
+    config = evaluate.protocol_config("standard", "resnet10", epochs=1, batch_size=4, dsa=False,
+                                      cutmix_prob=0.5)
+    run = evaluate._Run(config, x.shape[1:], 10)
+
+    def weights_after(seed):
+        evaluate.train_and_test(run, evaluate._array_epochs(x, y, 4, seed), (x, y), seed)
+        return [v.numpy().copy() for v in run.model.variables]
+    a, b, c = weights_after(3), weights_after(3), weights_after(4)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert not all(np.array_equal(u, v) for u, v in zip(a, c))
+
+
+def test_evaluate_reports_mean_and_std_and_accepts_a_test_dataset(sets):
+    real, x, y = sets["real"], sets["images"], sets["labels"]
+    config = evaluate.EvalConfig(arch="convnet_tiny", epochs=2, batch_size=5)
+    test_x = data.normalize(real.test_images[:300], real.mean, real.std).numpy()
+    res = evaluate.evaluate(x, y, test_x, real.test_labels[:300], 10, config, runs=2, seed=1)
+    assert len(res["accuracies"]) == 2
+    assert res["mean"] == pytest.approx(np.mean(res["accuracies"]), abs=0.01)
+    assert res["std"] == pytest.approx(np.std(res["accuracies"]), abs=0.01)
+    ds = tf.data.Dataset.from_tensor_slices((test_x, real.test_labels[:300])).batch(128)
+    assert evaluate.evaluate(x, y, ds, None, 10, config, runs=2, seed=1) == res
+
+
+def test_full_mode_learns_from_the_whole_real_train_split(sets):
+    epochs = []
+    config = evaluate.EvalConfig(arch="convnet_tiny", epochs=2, dsa=None)
+    res = evaluate.evaluate_full(sets["real"], config, runs=1, on_epoch=lambda i, e: epochs.append(e))
+    assert epochs == [1, 2]
+    assert res["mean"] > 40.0          # 10 classes: chance is 10%
+
+
+# ---------------------------------------------------------------- CLI
+def _cli(args, check=True):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-m", "esp_tf.evaluate"] + args, cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"exit {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return out
+
+
+def test_cli_end_to_end_merges_json_and_prints_the_table(sets, tmp_path):
+    output = tmp_path / "results.json"
+    output.write_text(json.dumps({"dsa ipc1": {"convnet3": {"accuracies": [1.0], "mean": 1.0, "std": 0.0}}}))
+    out = _cli([f"--condensed={sets['work']}", "--archs=convnet3", "--runs=1", "--epochs=2",
+                f"--output={output}"])
+    results = json.loads(output.read_text())
+    cell = results["esp ipc1"]["convnet3"]
+    assert len(cell["accuracies"]) == 1 and cell["mean"] == cell["accuracies"][0]
+    assert (cell["protocol"], cell["epochs"], cell["source_dataset"]) == ("standard", 2, SOURCE)
+    assert "dsa ipc1" in results                                    # merged, not overwritten
+    assert "| method | convnet3 |" in out.stdout and "| esp ipc1 | " in out.stdout and " +- " in out.stdout
+    assert "ETA" in out.stdout
+
+
+def test_cli_bad_input_exits_2_with_a_clear_message_and_no_traceback(sets, tmp_path):
+    missing = tmp_path / "missing_source"
+    missing.mkdir()
+    np.savez(missing / "synthetic.npz", images=sets["images"], labels=sets["labels"])
+    (missing / "flags.txt").write_text(f"--dataset=cifar10\n--data_dir={tmp_path / 'empty'}\n")
+    cases = [[f"--condensed={tmp_path / 'missing_source'}", "--archs=convnet3,resnet999"],
+             [f"--condensed={missing}"],
+             [f"--condensed={tmp_path}"],
+             ["--condensed=no_such_set", f"--data_dir={sets['tfds_dir']}"]]
+    script = textwrap.dedent(f"""
+        import sys
+        from absl import flags
+        from esp_tf import evaluate
+        for argv in {cases!r}:
+            flags.FLAGS.unparse_flags()
+            sys.argv = ["evaluate"] + argv
+            try:
+                evaluate.run()
+            except SystemExit as e:
+                print("EXIT", e.code, file=sys.stderr, flush=True)
+    """)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    err = out.stderr
+    assert err.count("EXIT 2") == 4, err[-3000:]
+    assert "Traceback" not in err
+    assert "unknown ['resnet999']" in err
+    assert "'cifar10' is not available" in err and "data_dir" in err
+    assert "neither an esp_tf workdir" in err
+    assert "no TFDS dataset 'no_such_set'" in err
+
+
+@pytest.mark.slow
+def test_efficientnetv2s_short_evaluation_runs_and_is_reproducible(sets):
+    real, x, y = sets["real"], sets["images"], sets["labels"]
+    test_x = data.normalize(real.test_images[:100], real.mean, real.std).numpy()
+    config = evaluate.protocol_config("standard", "efficientnetv2s", epochs=2, batch_size=10)
+    res = evaluate.evaluate(x, y, test_x, real.test_labels[:100], 10, config, runs=2, seed=0)
+    assert len(res["accuracies"]) == 2 and all(0.0 <= a <= 100.0 for a in res["accuracies"])
+    assert evaluate.evaluate(x, y, test_x, real.test_labels[:100], 10, config, runs=1, seed=0)["accuracies"] \
+        == res["accuracies"][:1]
