@@ -31,7 +31,8 @@ flags.DEFINE_integer("expert_batch", 256, "Expert batch size.")
 flags.DEFINE_bool("expert_dsa", True, "DSA augmentation while training experts (MTT: on).")
 
 # -- ESP condensation --------------------------------------------------------------------
-flags.DEFINE_enum("method", "esp", ["esp"], "Condensation method.")
+flags.DEFINE_enum("method", "esp", ["esp", "dm", "tm"],
+                  "Condensation method: esp, or the baselines dm (distribution matching) and tm (MTT).")
 flags.DEFINE_enum("param", "pixels", ["pixels", "latents"],
                   "Synthetic-set parameterisation: pixels, or latent codes + shared decoders (paper 4.2, after KFS).")
 flags.DEFINE_integer("ipc", 1, "Images per class of the condensed set (the storage budget).")
@@ -44,7 +45,11 @@ flags.DEFINE_float("beta", 1e-5, "Weight of the projection loss (paper 4.2).")
 flags.DEFINE_float("inner_lr", 0.1, "Projected-SGD student learning rate (paper 4.2).")
 flags.DEFINE_list("losses", ["proj", "dm"], "Outer losses: proj, dm or both (paper Table 4).")
 flags.DEFINE_integer("real_per_class", 256, "Real images per class in each DM term (DM default 256).")
-flags.DEFINE_float("lr_pixels", 0.01, "Adam learning rate of synthetic pixels (normalised units).")
+flags.DEFINE_float("lr_pixels", None, "Learning rate of synthetic pixels; default per method: esp 0.01 "
+                   "(Adam), dm 1.0 (SGD, momentum 0.5, as DM), tm 100 (SGD, momentum 0.5, as MTT).")
+flags.DEFINE_integer("batch_syn", 0, "tm: synthetic images per unrolled student step (0 = all, MTT's batch_syn).")
+flags.DEFINE_float("lr_teacher", 0.01, "tm: initial value of the learnable student lr (MTT).")
+flags.DEFINE_float("lr_lr", 1e-5, "tm: SGD lr of the learnable student lr (MTT).")
 flags.DEFINE_float("lr_codes", 0.1, "Adam lr of latent codes (paper 4.2; --param=latents).")
 flags.DEFINE_float("lr_decoders", 0.01, "Adam lr of the shared decoders (paper 4.2; --param=latents).")
 flags.DEFINE_integer("num_decoders", 4, "Shared decoders; images per class = codes x decoders (--param=latents).")
@@ -62,7 +67,8 @@ flags.DEFINE_integer("eval_runs", 5, "Evaluation runs (seeds); mean +- std repor
 flags.DEFINE_integer("eval_batch", 256, "Evaluation batch size.")
 flags.DEFINE_float("eval_lr", 0.01, "Evaluation SGD learning rate (momentum 0.9, wd 5e-4).")
 flags.DEFINE_bool("eval_dsa", True, "DSA during evaluation training (off loses several points).")
-flags.DEFINE_list("baselines", ["random"], "Real-subset baselines evaluated beside ESP: random.")
+flags.DEFINE_list("baselines", ["random"], "Real-subset baselines evaluated beside the condensed set: "
+                  "random, herding (on expert 0's final embeddings).")
 
 flags.DEFINE_bool("restart", False, "Discard the results already in --workdir (experts are kept).")
 
@@ -91,9 +97,11 @@ def validate():
     if FLAGS.max_start_epoch + FLAGS.segment_length > FLAGS.expert_epochs:
         errors.append(f"--max_start_epoch ({FLAGS.max_start_epoch}) + --segment_length "
                       f"({FLAGS.segment_length}) exceeds --expert_epochs ({FLAGS.expert_epochs})")
-    bad = [b for b in FLAGS.baselines if b not in ("random",)]
+    bad = [b for b in FLAGS.baselines if b not in ("random", "herding")]
     if bad:
-        errors.append(f"--baselines: unknown {bad}; available: random")
+        errors.append(f"--baselines: unknown {bad}; available: random, herding")
+    if FLAGS.batch_syn < 0:
+        errors.append("--batch_syn must be >= 0 (0 = all synthetic images)")
     return errors
 
 
@@ -123,15 +131,27 @@ def eval_config():
                       lr=FLAGS.eval_lr, dsa=_dsa(FLAGS.eval_dsa))
 
 
+_DEFAULT_LR_PIXELS = {"esp": 0.01, "dm": 1.0, "tm": 100.0}
+
+
+def lr_pixels() -> float:
+    return FLAGS.lr_pixels if FLAGS.lr_pixels is not None else _DEFAULT_LR_PIXELS[FLAGS.method]
+
+
 def condense_settings():
+    from esp_tf.baselines import DMConfig, TMConfig
     from esp_tf.condense import CondenseSettings
     from esp_tf.esp import ESPConfig
     esp = ESPConfig(beta=FLAGS.beta, inner_lr=FLAGS.inner_lr, losses=tuple(FLAGS.losses),
                     real_per_class=FLAGS.real_per_class, dsa=_dsa(FLAGS.dsa))
-    return CondenseSettings(workdir=FLAGS.workdir, ipc=FLAGS.ipc, init=FLAGS.init,
+    dm = DMConfig(real_per_class=FLAGS.real_per_class, dsa=_dsa(FLAGS.dsa))
+    tm = TMConfig(inner_steps=FLAGS.inner_steps, batch_syn=FLAGS.batch_syn or None,
+                  init_lr=FLAGS.lr_teacher, dsa=_dsa(FLAGS.dsa))
+    return CondenseSettings(workdir=FLAGS.workdir, method=FLAGS.method, dm=dm, tm=tm, lr_lr=FLAGS.lr_lr,
+                            ipc=FLAGS.ipc, init=FLAGS.init,
                             iterations=FLAGS.iterations, inner_steps=FLAGS.inner_steps,
                             segment_length=FLAGS.segment_length, max_start_epoch=FLAGS.max_start_epoch,
-                            esp=esp, param=FLAGS.param, lr_pixels=FLAGS.lr_pixels,
+                            esp=esp, param=FLAGS.param, lr_pixels=lr_pixels(),
                             lr_codes=FLAGS.lr_codes, lr_decoders=FLAGS.lr_decoders,
                             num_decoders=FLAGS.num_decoders, latent_downsample=FLAGS.latent_downsample,
                             lr_schedule=FLAGS.lr_schedule,

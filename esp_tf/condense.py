@@ -21,14 +21,19 @@ import numpy as np
 import tensorflow as tf
 
 from esp_tf import data as data_lib, subspace, workdir as wd
+from esp_tf.baselines import DMConfig, DMStep, TMConfig, TMStep
 from esp_tf.esp import ESPConfig, ESPStep
 from esp_tf.models import FlatModel
 from esp_tf.synthetic import LatentSynthetic, PixelSynthetic
 
 
+METHODS = ("esp", "dm", "tm")
+
+
 @dataclasses.dataclass(frozen=True)
 class CondenseSettings:
     workdir: str
+    method: str = "esp"              # esp, or the baselines dm (distribution matching), tm (MTT)
     ipc: int = 1
     init: str = "real"
     iterations: int = 1000
@@ -36,6 +41,9 @@ class CondenseSettings:
     segment_length: int = 2
     max_start_epoch: int = 20
     esp: ESPConfig = ESPConfig()
+    dm: DMConfig = DMConfig()
+    tm: TMConfig = TMConfig()
+    lr_lr: float = 1e-5              # tm: SGD lr of the learnable student lr (MTT)
     param: str = "pixels"            # "pixels" or "latents" (codes + shared decoders, paper 4.2)
     lr_pixels: float = 0.01          # Adam lr of pixels (normalised units)
     lr_codes: float = 0.1            # Adam lr of latent codes (paper 4.2)
@@ -73,18 +81,34 @@ def make_synthetic(real: data_lib.RealData, s: CondenseSettings):
                           real_images=_real_init(real, s, s.ipc), seed=s.seed)
 
 
-def make_optimizers(s: CondenseSettings) -> dict:
-    """One Adam per variable group of the synthetic set, each with the --lr_schedule."""
-    total = s.iterations * s.inner_steps
+def updates_per_iteration(s: CondenseSettings) -> int:
+    """Synthetic updates per iteration: ESP updates once per inner step, DM/TM once."""
+    return s.inner_steps if s.method == "esp" else 1
 
-    def adam(lr):
+
+def make_optimizers(s: CondenseSettings) -> dict:
+    """One optimizer per variable group of the synthetic set, each with the --lr_schedule.
+
+    Latents: Adam (paper 4.2). Pixels: Adam for ESP (paper's outer optimizer), SGD with
+    momentum 0.5 for DM and TM (their references). TM adds SGD on its learnable student lr.
+    """
+    total = s.iterations * updates_per_iteration(s)
+
+    def schedule(lr):
         if s.lr_schedule == "linear":
-            lr = keras.optimizers.schedules.PolynomialDecay(lr, total, 0.0, power=1.0)
-        return keras.optimizers.Adam(lr)
+            return keras.optimizers.schedules.PolynomialDecay(lr, total, 0.0, power=1.0)
+        return lr
 
     if s.param == "latents":
-        return {"codes": adam(s.lr_codes), "decoders": adam(s.lr_decoders)}
-    return {"pixels": adam(s.lr_pixels)}
+        opts = {"codes": keras.optimizers.Adam(schedule(s.lr_codes)),
+                "decoders": keras.optimizers.Adam(schedule(s.lr_decoders))}
+    elif s.method == "esp":
+        opts = {"pixels": keras.optimizers.Adam(schedule(s.lr_pixels))}
+    else:
+        opts = {"pixels": keras.optimizers.SGD(schedule(s.lr_pixels), momentum=0.5)}
+    if s.method == "tm":
+        opts["lr"] = keras.optimizers.SGD(s.lr_lr, momentum=0.5)
+    return opts
 
 
 def _save_synthetic(path: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -103,8 +127,10 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
     (what the model sees) with int32 labels, and the learnable set itself. A finished run
     restores its last checkpoint and returns at once.
     """
+    if s.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {s.method!r}")
     needed = s.max_start_epoch + s.segment_length + 1
-    if trajectories.shape[1] < needed:
+    if s.method != "dm" and trajectories.shape[1] < needed:
         raise wd.UserError(f"trajectories have {trajectories.shape[1]} snapshots; max_start_epoch + "
                            f"segment_length + 1 = {needed} are needed")
     syn = make_synthetic(real, s)
@@ -113,23 +139,29 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
     wd.say(f"synthetic set: {s.param}, {budget['params_per_class']:.0f} stored floats per class "
            f"(budget {budget['budget_per_class']}), {syn.images_per_class} images rendered per class")
     optimizers = make_optimizers(s)
-    step = ESPStep(net, syn, optimizers, data_lib.ClassBalancedSampler(real), s.esp,
-                   jit_compile=s.jit_compile)
+    sampler = data_lib.ClassBalancedSampler(real)
+    extra = {}
+    if s.method == "esp":
+        step = ESPStep(net, syn, optimizers, sampler, s.esp, jit_compile=s.jit_compile)
+    elif s.method == "dm":
+        step = DMStep(net, syn, optimizers, sampler, s.dm, jit_compile=s.jit_compile)
+    else:
+        step = TMStep(net, syn, optimizers, sampler, s.tm)
+        extra["syn_lr"] = step.syn_lr
     iteration = tf.Variable(0, dtype=tf.int64, name="iteration")
-    ckpt = tf.train.Checkpoint(synthetic=syn, iteration=iteration,
+    ckpt = tf.train.Checkpoint(synthetic=syn, iteration=iteration, **extra,
                                **{f"opt_{k}": o for k, o in optimizers.items()})
     manager = tf.train.CheckpointManager(ckpt, os.path.join(s.workdir, "ckpt"), max_to_keep=2)
     if manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        try:
+            ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        except (ValueError, AssertionError, tf.errors.OpError) as e:
+            raise wd.UserError(
+                f"the checkpoint {manager.latest_checkpoint} does not match this configuration "
+                f"({str(e).splitlines()[0][:300]}). Use another --workdir, or --restart to discard it.") from e
         wd.say(f"condense: resumed from {manager.latest_checkpoint} at iteration {int(iteration)}")
 
-    trajs = tf.constant(trajectories, tf.float32)
-
-    @tf.function
-    def subspace_for(seed):
-        segment, k, t = subspace.select_segment(trajs, seed, s.segment_length, s.max_start_epoch)
-        return segment[0], subspace.basis(segment), k, t
-
+    one_iteration = _iteration_fn(s, step, trajectories)
     metrics_path = os.path.join(s.workdir, "metrics.jsonl")
     board = tf.summary.create_file_writer(os.path.join(s.workdir, "tensorboard"))
 
@@ -142,31 +174,34 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
             tf.summary.image("synthetic", grid[None])
     bar = wd.Progress("condense", s.iterations, done=int(iteration))
     sums, count, t_log = {}, 0, time.time()
+    per_it = updates_per_iteration(s)
     while int(iteration) < s.iterations:
         it = int(iteration)
-        theta, basis, k, t = subspace_for(tf.constant([s.seed, it], tf.int64))
-        for n in range(s.inner_steps):
-            theta, m = step(theta, basis, [s.seed + 1_000_003, it * s.inner_steps + n])
+        metrics, info = one_iteration(it)
+        for m in metrics:
             for name, v in m.items():
                 sums[name] = sums.get(name, 0.0) + v
             count += 1
-        loss = float(m["loss"])
+        loss = float(metrics[-1]["loss"])
         if not np.isfinite(loss):
             raise wd.UserError(
-                f"ESP loss became {loss} at iteration {it}; the synthetic set was NOT saved past the "
-                f"last checkpoint ({manager.latest_checkpoint}). Lower --lr_pixels (or --lr_codes/--lr_decoders) or --beta and rerun.")
+                f"{s.method.upper()} loss became {loss} at iteration {it}; the synthetic set was NOT "
+                f"saved past the last checkpoint ({manager.latest_checkpoint}). Lower --lr_pixels "
+                "(or --lr_codes/--lr_decoders) or --beta and rerun.")
         iteration.assign_add(1)
         done = it + 1
         if done % s.log_every == 0 or done == s.iterations:
             row = {name: float(v) / count for name, v in sums.items()}
-            row.update(iteration=done, updates=done * s.inner_steps, expert=int(k), start_epoch=int(t),
-                       seconds_per_update=(time.time() - t_log) / count, time=time.time())
+            row.update({k: int(v) for k, v in info.items()})
+            row.update(iteration=done, updates=done * per_it, time=time.time(),
+                       seconds_per_update=(time.time() - t_log) / count)
             wd.append_jsonl(metrics_path, row)
             with board.as_default(step=done):
-                for name in ("loss", "dm", "proj", "ce", "syn_acc", "in_subspace", "seconds_per_update"):
-                    tf.summary.scalar(f"condense/{name}", row[name])
-            bar.update(done, f"loss {row['loss']:.4g} dm {row['dm']:.4g} proj {row['proj']:.4g} "
-                             f"ce {row['ce']:.3f}")
+                for name, value in row.items():
+                    if name not in ("iteration", "updates", "time", "expert", "start_epoch"):
+                        tf.summary.scalar(f"condense/{name}", value)
+            shown = [f"{k} {row[k]:.4g}" for k in ("loss", "dm", "proj", "ce", "syn_lr") if k in row]
+            bar.update(done, " ".join(shown))
             sums, count, t_log = {}, 0, time.time()
         if done % s.ckpt_every == 0 or done == s.iterations:
             manager.save(checkpoint_number=done)
@@ -175,3 +210,30 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
     images, labels = (t.numpy() for t in syn.render())
     _save_synthetic(os.path.join(s.workdir, "synthetic.npz"), images, labels)
     return images, labels, syn
+
+
+def _iteration_fn(s: CondenseSettings, step, trajectories):
+    """`one_iteration(it) -> (list of per-update metrics, info)` for the method in `s`."""
+    update_seed = lambda n: [s.seed + 1_000_003, n]
+    if s.method == "dm":      # a fresh random network each iteration; no experts
+        return lambda it: ([step(update_seed(it))], {})
+    trajs = tf.constant(trajectories, tf.float32)
+
+    @tf.function
+    def segment_for(seed):
+        segment, k, t = subspace.select_segment(trajs, seed, s.segment_length, s.max_start_epoch)
+        basis = subspace.basis(segment) if s.method == "esp" else segment[-1]   # tm: the target
+        return segment[0], basis, k, t
+
+    def one_iteration(it):
+        theta, basis_or_target, k, t = segment_for(tf.constant([s.seed, it], tf.int64))
+        info = {"expert": k, "start_epoch": t}
+        if s.method == "tm":
+            return [step(theta, basis_or_target, update_seed(it))], info
+        metrics = []
+        for n in range(s.inner_steps):
+            theta, m = step(theta, basis_or_target, update_seed(it * s.inner_steps + n))
+            metrics.append(m)
+        return metrics, info
+
+    return one_iteration

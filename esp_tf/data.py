@@ -6,7 +6,9 @@ that their folder exists, because a missing dataset would otherwise make TFDS re
 for minutes. The embedded ``fashion_mnist_mini`` ships inside the package and is prepared
 locally. Everything downstream gets a :class:`RealData` with class-sorted uint8 numpy arrays.
 """
+import contextlib
 import dataclasses
+import io
 import os
 
 import numpy as np
@@ -116,9 +118,12 @@ def _get_builder(name: str, data_dir: str, embedded: bool):
         import esp_tf.datasets  # noqa: F401  (registers the builder)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-        if embedded:
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        if embedded and not builder.is_prepared():
+            logging.warning("preparing the embedded dataset %s in %s (from the package; no download)",
+                            name, builder.data_dir)
+            with contextlib.redirect_stdout(io.StringIO()):   # TFDS prints "Downloading and preparing"
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         elif not builder.is_prepared():
             raise _not_found(name, data_dir, f"no prepared data in {builder.data_dir!r}")
     # TFDS raises its own DatasetNotFoundError for unknown names, AssertionError for missing

@@ -207,7 +207,8 @@ def train_and_test(run: _Run, batches, test, seed: int, on_epoch=None) -> float:
     return hits / total
 
 
-def _repeat(run: _Run, batches_for_seed, test, runs: int, seed: int, progress, on_epoch) -> dict:
+def _repeat(run: _Run, batches_for_seed, test, runs: int, seed: int, progress, on_epoch,
+            on_run=None) -> dict:
     """`runs` trainings of one compiled network from seeds seed..seed+runs-1; accuracies in %."""
     if runs < 1:
         raise ValueError("runs must be >= 1")
@@ -216,6 +217,8 @@ def _repeat(run: _Run, batches_for_seed, test, runs: int, seed: int, progress, o
         t0 = time.time()
         tick = (lambda e, i=i: on_epoch(i, e)) if on_epoch else None
         accs.append(100.0 * train_and_test(run, batches_for_seed(seed + i), test, seed + i, tick))
+        if on_run:                  # e.g. export the trained network before the next run resets it
+            on_run(i, run.model, accs[-1])
         if progress:
             progress(i, runs, accs[-1], time.time() - t0)
     return {"accuracies": [round(a, 2) for a in accs], "mean": round(float(np.mean(accs)), 2),
@@ -223,15 +226,17 @@ def _repeat(run: _Run, batches_for_seed, test, runs: int, seed: int, progress, o
 
 
 def evaluate(images: np.ndarray, labels: np.ndarray, test_images, test_labels, num_classes: int,
-             config: EvalConfig, runs: int = 5, seed: int = 0, progress=None, on_epoch=None) -> dict:
+             config: EvalConfig, runs: int = 5, seed: int = 0, progress=None, on_epoch=None,
+             on_run=None) -> dict:
     """Trains `runs` fresh networks (seeds seed..seed+runs-1) on a condensed set; returns
     accuracies, mean and std (%). `test_images` may be a tf.data.Dataset of normalised
     (x, y) batches (then `test_labels` is ignored). `progress(i, runs, acc, seconds)` is called
-    after each run, `on_epoch(i, epochs_done)` after each epoch."""
+    after each run, `on_epoch(i, epochs_done)` after each epoch, `on_run(i, model, acc)` with
+    the trained Keras model after each run."""
     run = _Run(config, images.shape[1:], num_classes)
     test = test_images if isinstance(test_images, tf.data.Dataset) else (test_images, test_labels)
     return _repeat(run, lambda s: _array_epochs(images, labels, config.batch_size, s), test,
-                   runs, seed, progress, on_epoch)
+                   runs, seed, progress, on_epoch, on_run)
 
 
 def evaluate_full(real, config: EvalConfig, runs: int = 5, seed: int = 0, progress=None,

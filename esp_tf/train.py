@@ -108,37 +108,64 @@ def phase_experts(real, net):
 # =====================================================================================
 def phase_condense(real, net, store, meta):
     from esp_tf import condense
-    trajectories = store.load(meta, num_snapshots=FLAGS.max_start_epoch + FLAGS.segment_length + 1,
-                              max_experts=FLAGS.num_experts)
-    wd.say(f"condense: {trajectories.shape[0]} experts x {trajectories.shape[1]} snapshots x "
-           f"{trajectories.shape[2]} params; ESP {FLAGS.iterations} iterations x {FLAGS.inner_steps} "
-           f"inner steps, IPC {FLAGS.ipc}, losses {','.join(FLAGS.losses)}")
+    trajectories = None
+    if FLAGS.method != "dm":      # DM draws a fresh random network per iteration instead
+        trajectories = store.load(meta, num_snapshots=FLAGS.max_start_epoch + FLAGS.segment_length + 1,
+                                  max_experts=FLAGS.num_experts)
+        wd.say(f"condense: {trajectories.shape[0]} experts x {trajectories.shape[1]} snapshots x "
+               f"{trajectories.shape[2]} params")
+    detail = {"esp": f"x {FLAGS.inner_steps} inner steps, losses {','.join(FLAGS.losses)}",
+              "tm": f"x {FLAGS.inner_steps} unrolled student steps", "dm": ""}[FLAGS.method]
+    wd.say(f"condense: {FLAGS.method.upper()} {FLAGS.iterations} iterations {detail}, IPC {FLAGS.ipc}, "
+           f"param {FLAGS.param}")
     return condense.run(real, net, trajectories, cli.condense_settings())
 
 
 # =====================================================================================
 # Phase 3: evaluation of the condensed set and the baselines
 # =====================================================================================
-def phase_evaluate(real, images, labels):
-    from esp_tf import data as data_lib, evaluate
+def _baseline_sets(real, net, store) -> dict:
+    """Real-subset baselines with the run's IPC: random, and herding on expert 0's embeddings."""
+    from esp_tf import baselines, data as data_lib
+    sets = {}
+    if "random" in FLAGS.baselines:
+        rx, ry = data_lib.ClassBalancedSampler(real).random_subset(FLAGS.seed, FLAGS.ipc)
+        sets["random"] = (data_lib.normalize(rx, real.mean, real.std).numpy(), ry)
+    if "herding" in FLAGS.baselines:
+        theta = store.read(0)[-1]                       # expert 0 after its last epoch
+        hx, hy = baselines.herding_subset(real, net, theta, FLAGS.ipc)
+        sets["herding"] = (data_lib.normalize(hx, real.mean, real.std).numpy(), hy)
+    return sets
+
+
+def phase_evaluate(real, net, store, images, labels):
+    import tensorflow as tf
+    from esp_tf import data as data_lib, evaluate, saved_models
     config = cli.eval_config()
     test_x = data_lib.normalize(real.test_images, real.mean, real.std).numpy()
     results = wd.read_json(path("eval.json")) or {}
-    sets = {"esp": (images, labels)}
-    if "random" in FLAGS.baselines:
-        sampler = data_lib.ClassBalancedSampler(real)
-        rx, ry = sampler.random_subset(FLAGS.seed, FLAGS.ipc)
-        sets["random"] = (data_lib.normalize(rx, real.mean, real.std).numpy(), ry)
+    sets = {FLAGS.method: (images, labels), **_baseline_sets(real, net, store)}
     for method, (x, y) in sets.items():
         if config.arch in results.get(method, {}):
             wd.say(f"evaluate: {method} on {config.arch} already in eval.json, skipped")
             continue
         bar = wd.Progress(f"eval {method}", FLAGS.eval_runs)
+
+        def export_first(i, model, acc, method=method):
+            if i == 0 and method == FLAGS.method:     # the classifier trained on the condensed set
+                saved_models.export_classifier(model, real.mean, real.std, path("saved_model", "classifier"))
+                wd.say(f"export: classifier SavedModel {path('saved_model', 'classifier')} "
+                       f"(seed {FLAGS.seed}, test accuracy {acc:.2f}%, signature 'serve' takes uint8)")
+
         res = evaluate.evaluate(np.asarray(x), np.asarray(y), test_x, real.test_labels, real.num_classes,
-                                config, runs=FLAGS.eval_runs, seed=FLAGS.seed,
+                                config, runs=FLAGS.eval_runs, seed=FLAGS.seed, on_run=export_first,
                                 progress=lambda i, n, acc, s: bar.update(i + 1, f"run {i}: {acc:.2f}%"))
         results.setdefault(method, {})[config.arch] = res
         wd.write_json(path("eval.json"), results)
+        with tf.summary.create_file_writer(path("tensorboard")).as_default(step=0):
+            tf.summary.text(f"eval/{method}/{config.arch}", f"{res['mean']:.2f} +- {res['std']:.2f} %")
+            for i, acc in enumerate(res["accuracies"]):
+                tf.summary.scalar(f"eval/{method}/{config.arch}", acc, step=i)
     return results
 
 
@@ -150,9 +177,9 @@ def phase_export(real, images, labels, synthetic, results):
     pixels = data_lib.denormalize(images, real.mean, real.std).numpy()
     grid = export.image_grid(pixels, labels, real.num_classes)
     export.save_png(grid, path("grid.png"))
-    name = FLAGS.export_name or f"esp_{real.name.split(':')[0]}_ipc{FLAGS.ipc}"
-    meta = {"source_dataset": real.name, "method": "esp", "param": FLAGS.param, "ipc": FLAGS.ipc,
-            "flags": cli.flag_values(), "accuracy": results.get("esp", {})}
+    name = FLAGS.export_name or f"{FLAGS.method}_{real.name.split(':')[0]}_ipc{FLAGS.ipc}"
+    meta = {"source_dataset": real.name, "method": FLAGS.method, "param": FLAGS.param, "ipc": FLAGS.ipc,
+            "flags": cli.flag_values(), "accuracy": results.get(FLAGS.method, {})}
     out = export.export_tfds(name=name, data_dir=path("tfds"), images=pixels, labels=labels,
                              class_names=list(real.class_names), metadata=meta,
                              images_normalized=np.asarray(images, np.float32))
@@ -177,7 +204,8 @@ def main(argv):
     real, net = _setup(argv)
     phases = FLAGS.phases
     store = meta = None
-    if "experts" in phases or "condense" in phases:
+    needs_experts = FLAGS.method != "dm" or "herding" in FLAGS.baselines
+    if needs_experts and ("experts" in phases or "condense" in phases or "herding" in FLAGS.baselines):
         store, meta = phase_experts(real, net)
     images = labels = synthetic = None
     if "condense" in phases:
@@ -187,7 +215,7 @@ def main(argv):
         images, labels = saved["images"], saved["labels"]
     results = {}
     if images is not None and "evaluate" in phases:
-        results = phase_evaluate(real, images, labels)
+        results = phase_evaluate(real, net, store, images, labels)
     if images is not None and "export" in phases:
         phase_export(real, images, labels, synthetic, results)
     if results:

@@ -23,3 +23,17 @@ def shared_tfds_dir():
     if not (SHARED_TFDS / "fashion_mnist").is_dir():
         pytest.fail(f"real data not found at {SHARED_TFDS}; slow tests need ../shared/data/tfds")
     return str(SHARED_TFDS)
+
+
+def fake_real(num_classes: int, hw: int, channels: int, per_class: int, test_per_class: int = 2):
+    """A tiny random RealData (class-sorted uint8 images) for fast tests of the loops."""
+    import numpy as np
+    from esp_tf import data as data_lib
+    rng = np.random.default_rng(0)
+    return data_lib.RealData(
+        name="fake", train_images=rng.integers(0, 256, (num_classes * per_class, hw, hw, channels), dtype=np.uint8),
+        train_labels=np.repeat(np.arange(num_classes), per_class).astype(np.int32),
+        test_images=rng.integers(0, 256, (num_classes * test_per_class, hw, hw, channels), dtype=np.uint8),
+        test_labels=np.repeat(np.arange(num_classes), test_per_class).astype(np.int32),
+        class_names=tuple("abcdefghijklmnopqrstuvwxyz"[:num_classes]),
+        mean=np.full(channels, 0.5, np.float32), std=np.full(channels, 0.25, np.float32))

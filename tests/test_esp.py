@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import fake_real
 from esp_tf import data as data_lib, esp, models, subspace
 from esp_tf.synthetic import PixelSynthetic
 
@@ -64,13 +65,7 @@ def test_projection_loss_is_the_l1_norm_of_the_gradient_outside_the_subspace():
 
 
 def _fake_real(n_per_class=6):
-    rng = np.random.default_rng(0)
-    return data_lib.RealData(
-        name="fake", train_images=rng.integers(0, 256, (C * n_per_class, HW, HW, 1), dtype=np.uint8),
-        train_labels=np.repeat(np.arange(C), n_per_class).astype(np.int32),
-        test_images=rng.integers(0, 256, (C * 2, HW, HW, 1), dtype=np.uint8),
-        test_labels=np.repeat(np.arange(C), 2).astype(np.int32), class_names=("a", "b", "c"),
-        mean=np.array([0.5], np.float32), std=np.array([0.25], np.float32))
+    return fake_real(C, HW, 1, n_per_class)
 
 
 def _step(cfg, lr=0.01):

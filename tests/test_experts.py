@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from conftest import fake_real
 from esp_tf import data as data_lib, experts, models
 from esp_tf.trajectories import TrajectoryError, TrajectoryStore
 
@@ -9,13 +10,7 @@ C, HW = 3, 8
 
 
 def _real():
-    rng = np.random.default_rng(0)
-    return data_lib.RealData(
-        name="fake", train_images=rng.integers(0, 256, (C * 20, HW, HW, 1), dtype=np.uint8),
-        train_labels=np.repeat(np.arange(C), 20).astype(np.int32),
-        test_images=rng.integers(0, 256, (C * 4, HW, HW, 1), dtype=np.uint8),
-        test_labels=np.repeat(np.arange(C), 4).astype(np.int32), class_names=("a", "b", "c"),
-        mean=np.array([0.5], np.float32), std=np.array([0.25], np.float32))
+    return fake_real(C, HW, 1, 20, 4)
 
 
 def _setup(epochs=3):

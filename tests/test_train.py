@@ -11,7 +11,8 @@ from conftest import REPO
 
 TINY = ["--num_experts=2", "--expert_epochs=2", "--max_start_epoch=0", "--segment_length=2",
         "--iterations=4", "--inner_steps=2", "--real_per_class=4", "--eval_epochs=3",
-        "--eval_runs=2", "--width=8", "--depth=2", "--log_every=2", "--ckpt_every=2"]
+        "--eval_runs=2", "--width=8", "--depth=2", "--log_every=2", "--baselines=random,herding",
+        "--ckpt_every=2"]
 
 
 def _run(args, tmp_path, check=True):
@@ -35,10 +36,11 @@ def test_cli_writes_every_workdir_artifact(finished_run):
     tmp, work, out = finished_run
     for name in ("flags.txt", "metrics.jsonl", "eval.json", "grid.png", "synthetic.npz", "ckpt",
                  "experts/metadata.json", "experts/expert_00000.tfrecord", "tfds", "curves.png",
-                 "saved_model/generator/saved_model.pb", "tensorboard", "budget.json"):
+                 "saved_model/generator/saved_model.pb", "saved_model/classifier/saved_model.pb",
+                 "tensorboard", "budget.json"):
         assert (work / name).exists(), name
     results = json.loads((work / "eval.json").read_text())
-    for method in ("esp", "random"):
+    for method in ("esp", "random", "herding"):
         cell = results[method]["convnet3"]
         assert len(cell["accuracies"]) == 2
         assert cell["mean"] == pytest.approx(np.mean(cell["accuracies"]), abs=0.01)
