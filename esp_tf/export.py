@@ -9,6 +9,8 @@ itself; no builder class has to be importable at read time.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -193,7 +195,8 @@ def export_tfds(*, name: str, data_dir: str, images: np.ndarray, labels: np.ndar
             description=("Condensed dataset exported by esp_tf. Metadata (also in "
                          "info.metadata): " + json.dumps(meta, sort_keys=True)),
             metadata=meta)
-        builder.download_and_prepare(download_dir=os.path.join(staging, "downloads"))
+        with contextlib.redirect_stdout(io.StringIO()):   # TFDS prints "Downloading and preparing"
+            builder.download_and_prepare(download_dir=os.path.join(staging, "downloads"))
         built = os.path.join(staging, name, version)
         if not os.path.isfile(os.path.join(built, "dataset_info.json")):
             raise RuntimeError(f"TFDS did not produce {built}/dataset_info.json")

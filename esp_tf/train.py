@@ -17,7 +17,7 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, logging
 
 from esp_tf import cli, workdir as wd
 from esp_tf.cli import FLAGS
@@ -62,7 +62,7 @@ def prepare_workdir():
     wd.atomic_write_text(path("flags.txt"), cli.flags_file_text())
 
 
-def _setup(argv_flags):
+def _setup():
     import tensorflow as tf
     from esp_tf import data as data_lib, models
     tf.config.set_soft_device_placement(True)
@@ -83,8 +83,8 @@ def phase_experts(real, net):
     config = cli.expert_config()
     store = TrajectoryStore(cli.experts_dir())
     meta = experts.expert_meta(net, FLAGS.model, cli.model_config(), real.name, real.num_classes, config)
-    bar = wd.Progress("experts", FLAGS.num_experts)
-    bar.done = len([k for k in store.completed() if k < FLAGS.num_experts]) if os.path.isdir(store.directory) else 0
+    finished = [k for k in store.completed() if k < FLAGS.num_experts] if os.path.isdir(store.directory) else []
+    bar = wd.Progress("experts", FLAGS.num_experts, done=len(finished))
 
     def progress(k, done, total, acc, seconds):
         bar.update(done, f"expert {k}: test acc {100 * acc:.1f}% ({seconds:.0f}s)")
@@ -201,7 +201,7 @@ def main(argv):
     tfds.disable_progress_bar()
     prepare_workdir()
     t0 = time.time()
-    real, net = _setup(argv)
+    real, net = _setup()
     phases = FLAGS.phases
     store = meta = None
     needs_experts = FLAGS.method != "dm" or "herding" in FLAGS.baselines

@@ -1,0 +1,62 @@
+r"""Runs several condensation variants on one flagfile (sharing its experts) and tabulates them.
+
+    python tools/compare.py --flagfile_base=configs/quickstart.flags --out=runs/compare \
+        --variants=esp,esp_beta0.25,proj_only,dm_only,dm,tm
+
+Each variant is `python -m esp_tf.train --flagfile=<base> --workdir=<out>/<variant> <overrides>`
+(see VARIANTS), run one after another; finished variants are not rerun (the CLI resumes). The
+last output is a Markdown table: variant, method, accuracy mean +- std over the evaluation
+seeds, and the baselines of the first variant (random, herding).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import app, flags
+
+VARIANTS = {
+    "esp": [],                                            # the flagfile as is (paper beta 1e-5)
+    "esp_beta0.25": ["--beta=0.25"],                      # projection and DM pull about equally
+    "proj_only": ["--losses=proj", "--beta=1.0"],         # Table 4 ablation rows
+    "dm_only": ["--losses=dm"],
+    "dm": ["--method=dm", "--lr_pixels=1.0", "--iterations=400"],   # DM: as many updates as ESP
+    "tm": ["--method=tm", "--lr_pixels=100"],             # trajectory matching, MTT's image lr
+    "latents": ["--param=latents"],
+}
+
+flags.DEFINE_string("flagfile_base", "configs/quickstart.flags", "Flagfile every variant starts from.")
+flags.DEFINE_string("out", "runs/compare", "Parent directory of the variants' workdirs.")
+flags.DEFINE_list("variants", ["esp", "dm_only", "proj_only"], f"Any of {', '.join(VARIANTS)}.")
+flags.DEFINE_list("extra", [], "Flags added to every variant, e.g. --extra=--eval_runs=3.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    unknown = [v for v in FLAGS.variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    rows = []
+    for i, name in enumerate(FLAGS.variants):
+        work = os.path.join(FLAGS.out, name)
+        baselines = [] if i == 0 else ["--baselines="]
+        cmd = [sys.executable, "-m", "esp_tf.train", f"--flagfile={FLAGS.flagfile_base}",
+               f"--workdir={work}"] + VARIANTS[name] + baselines + list(FLAGS.extra)
+        print("$ " + " ".join(cmd[1:]), flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            sys.exit(f"variant {name} failed")
+        with open(os.path.join(work, "eval.json")) as f:
+            results = json.load(f)
+        for method, per_arch in results.items():
+            for arch, cell in per_arch.items():
+                label = name if method not in ("random", "herding") else method
+                rows.append((label, method, arch, cell["mean"], cell["std"], len(cell["accuracies"])))
+    print("\n| variant | method | arch | accuracy (%) | runs |\n|---|---|---|---|---|")
+    for label, method, arch, mean, std, n in rows:
+        print(f"| {label} | {method} | {arch} | {mean:.2f} +- {std:.2f} | {n} |")
+
+
+if __name__ == "__main__":
+    app.run(main)
