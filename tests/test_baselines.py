@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import fake_real
 from esp_tf import baselines, data as data_lib, esp, models
 from esp_tf.synthetic import PixelSynthetic
 
@@ -20,13 +21,7 @@ def _tiny_net(dtype="float32", act="relu"):
 
 
 def _fake_real():
-    rng = np.random.default_rng(0)
-    return data_lib.RealData(
-        name="fake", train_images=rng.integers(0, 256, (C * PER_CLASS, HW, HW, 1), dtype=np.uint8),
-        train_labels=np.repeat(np.arange(C), PER_CLASS).astype(np.int32),
-        test_images=rng.integers(0, 256, (C * 2, HW, HW, 1), dtype=np.uint8),
-        test_labels=np.repeat(np.arange(C), 2).astype(np.int32), class_names=("a", "b", "c"),
-        mean=np.array([0.5], np.float32), std=np.array([0.25], np.float32))
+    return fake_real(C, HW, 1, PER_CLASS)
 
 
 def _dm(lr):

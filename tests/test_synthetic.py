@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import fake_real
 from esp_tf import data as data_lib, esp, models, subspace
 from esp_tf.synthetic import LatentSynthetic, PixelSynthetic, bilinear_matrix, latent_plan
 
@@ -150,13 +151,7 @@ def test_esp_outer_loss_gradient_reaches_codes_and_decoders(losses):
 
 
 def _fake_real(n_per_class=6):
-    rng = np.random.default_rng(0)
-    return data_lib.RealData(
-        name="fake", train_images=rng.integers(0, 256, (C * n_per_class, HW, HW, 1), dtype=np.uint8),
-        train_labels=np.repeat(np.arange(C), n_per_class).astype(np.int32),
-        test_images=rng.integers(0, 256, (C * 2, HW, HW, 1), dtype=np.uint8),
-        test_labels=np.repeat(np.arange(C), 2).astype(np.int32), class_names=("a", "b", "c"),
-        mean=np.array([0.5], np.float32), std=np.array([0.25], np.float32))
+    return fake_real(C, HW, 1, n_per_class)
 
 
 def test_esp_step_with_one_optimizer_per_group_updates_codes_and_decoders_without_retracing():
