@@ -47,7 +47,8 @@ flags.DEFINE_list("losses", ["proj", "dm"], "Outer losses: proj, dm or both (pap
 flags.DEFINE_integer("real_per_class", 256, "Real images per class in each DM term (DM default 256).")
 flags.DEFINE_float("lr_pixels", None, "Learning rate of synthetic pixels; default per method: esp 0.01 "
                    "(Adam), dm 1.0 (SGD, momentum 0.5, as DM), tm 100 (SGD, momentum 0.5, as MTT).")
-flags.DEFINE_integer("batch_syn", 0, "tm: synthetic images per unrolled student step (0 = all, MTT's batch_syn).")
+flags.DEFINE_integer("batch_syn", 0, "Synthetic images per update (0 = all): esp takes a random "
+                     "class-balanced slice (the paper's Figure 8 study); tm per unrolled step (MTT's batch_syn).")
 flags.DEFINE_float("lr_teacher", 0.01, "tm: initial value of the learnable student lr (MTT).")
 flags.DEFINE_float("lr_lr", 1e-5, "tm: SGD lr of the learnable student lr (MTT).")
 flags.DEFINE_float("lr_codes", 0.1, "Adam lr of latent codes (paper 4.2; --param=latents).")
@@ -143,7 +144,8 @@ def condense_settings():
     from esp_tf.condense import CondenseSettings
     from esp_tf.esp import ESPConfig
     esp = ESPConfig(beta=FLAGS.beta, inner_lr=FLAGS.inner_lr, losses=tuple(FLAGS.losses),
-                    real_per_class=FLAGS.real_per_class, dsa=_dsa(FLAGS.dsa))
+                    real_per_class=FLAGS.real_per_class, dsa=_dsa(FLAGS.dsa),
+                    batch_syn=FLAGS.batch_syn or None)
     dm = DMConfig(real_per_class=FLAGS.real_per_class, dsa=_dsa(FLAGS.dsa))
     tm = TMConfig(inner_steps=FLAGS.inner_steps, batch_syn=FLAGS.batch_syn or None,
                   init_lr=FLAGS.lr_teacher, dsa=_dsa(FLAGS.dsa))

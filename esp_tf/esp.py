@@ -33,13 +33,26 @@ class ESPConfig:
     losses: tuple = LOSSES           # ("proj",), ("dm",) or both: the paper's Table 4 ablation
     real_per_class: int = 256        # real images per class for L_DM per update (DM's default)
     dsa: augment.DSAConfig | None = augment.DSAConfig()   # None disables augmentation
+    batch_syn: int | None = None     # None: every synthetic image each update (the paper's point);
+    #                                  k: a random class-balanced slice of k images (Figure 8 study)
 
     def __post_init__(self):
+        if self.batch_syn is not None and self.batch_syn < 1:
+            raise ValueError(f"batch_syn must be None or >= 1, got {self.batch_syn}")
         bad = [l for l in self.losses if l not in LOSSES]
         if bad or not self.losses:
             raise ValueError(f"losses must be a non-empty subset of {LOSSES}, got {self.losses}")
         if self.real_per_class < 1 and "dm" in self.losses:
             raise ValueError("real_per_class must be >= 1 when the dm loss is used")
+
+
+def class_balanced_slice(x, y, num_classes: int, per_class: int, seed):
+    """per_class random images of each class from a class-major set x [C*M, ...], y [C*M]."""
+    m = x.shape[0] // num_classes
+    keys = tf.random.stateless_uniform([num_classes, m], seed)
+    pick = tf.argsort(keys, axis=1)[:, :per_class]                          # [C, k] within-class
+    index = tf.reshape(pick + tf.range(num_classes)[:, None] * m, [-1])     # [C*k] global
+    return tf.gather(x, index), tf.gather(y, index)
 
 
 def dm_loss(real_means: tf.Tensor, syn_features: tf.Tensor, syn_labels: tf.Tensor) -> tf.Tensor:
@@ -133,6 +146,12 @@ class ESPStep:
         self.optimizers = optimizers
         for name, opt in optimizers.items():
             opt.build(self.groups[name])
+        if config.batch_syn is not None:
+            c, m = synthetic.num_classes, synthetic.images_per_class
+            if config.batch_syn % c or not 0 < config.batch_syn // c <= m:
+                raise ValueError(f"batch_syn {config.batch_syn} must be a multiple of the {c} classes "
+                                 f"and at most {c * m} (the images rendered)")
+            self._per_class = config.batch_syn // c
         self.trace_count = 0
         self._compiled = tf.function(self._step, jit_compile=jit_compile)
 
@@ -154,6 +173,9 @@ class ESPStep:
         variables = [v for name in sorted(self.groups) for v in self.groups[name]]
         with tf.GradientTape() as outer:
             x_syn, y_syn = self.synthetic.render()
+            if cfg.batch_syn is not None:      # sliced-batch variant: a biased, cheaper gradient
+                slice_seed = tf.random.experimental.stateless_fold_in(seed, 7)
+                x_syn, y_syn = class_balanced_slice(x_syn, y_syn, num_classes, self._per_class, slice_seed)
             x_aug = augment_by_class(x_syn, y_syn, params)
             loss, aux = outer_loss(self.net, theta, basis, x_aug, y_syn, real_means, cfg)
         grads = outer.gradient(loss, variables)

@@ -88,3 +88,14 @@ def test_a_checkpoint_of_another_configuration_is_refused_clearly(tmp_path):
     condense.run(real, net, trajs, _settings(tmp_path, iterations=1))
     with pytest.raises(wd.UserError, match="does not match"):
         condense.run(real, net, trajs, _settings(tmp_path, iterations=2, ipc=3))
+
+
+def test_batch_syn_reaches_both_esp_and_tm():
+    with flagsaver.flagsaver():
+        flags.FLAGS(["train", "--workdir=/tmp/x", "--batch_syn=20"])
+        s = cli.condense_settings()
+    assert s.esp.batch_syn == 20 and s.tm.batch_syn == 20
+    with flagsaver.flagsaver():
+        flags.FLAGS(["train", "--workdir=/tmp/x"])
+        s = cli.condense_settings()
+    assert s.esp.batch_syn is None and s.tm.batch_syn is None      # default: every image

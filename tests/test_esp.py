@@ -121,3 +121,24 @@ def test_each_step_updates_the_synthetic_images_and_nothing_else_is_trainable():
 def test_unknown_loss_names_are_rejected():
     with pytest.raises(ValueError, match="losses"):
         esp.ESPConfig(losses=("proj", "tm"))
+
+
+def test_class_balanced_slice_takes_distinct_images_of_every_class():
+    x = tf.reshape(tf.range(4 * 5, dtype=tf.float32), [20, 1, 1, 1])     # 4 classes x 5 images
+    y = tf.constant(np.repeat(np.arange(4), 5), tf.int32)
+    xs, ys = esp.class_balanced_slice(x, y, 4, 2, tf.constant([1, 2], tf.int64))
+    np.testing.assert_array_equal(ys.numpy(), np.repeat(np.arange(4), 2))
+    values = xs.numpy().ravel().astype(int)
+    assert len(set(values)) == 8 and all(v // 5 == c for v, c in zip(values, ys.numpy()))
+
+
+def test_sliced_batch_variant_updates_only_the_sliced_images():
+    cfg = esp.ESPConfig(real_per_class=4, dsa=None, batch_syn=C)            # one image per class
+    net, syn, step = _step(cfg)
+    before = syn.images.numpy().copy()
+    theta = net.init([0, 0])
+    step(theta, _basis_at(net, theta), [0, 0])
+    changed = [not np.allclose(a, b) for a, b in zip(syn.images.numpy(), before)]
+    assert sum(changed) == C                                                # IPC 2: half of them
+    with pytest.raises(ValueError, match="multiple"):
+        _step(esp.ESPConfig(batch_syn=C + 1))
