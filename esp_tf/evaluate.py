@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from esp_tf import augment, models
+from esp_tf.workdir import ARCH_ORDER as _ARCH_ORDER, results_table   # the paper's Table 2 layout
 
 _IDC_DSA = augment.DSAConfig(strategy="color_crop_flip_scale_rotate")  # IDC drops cutout with CutMix
 
@@ -257,7 +258,6 @@ def evaluate_full(real, config: EvalConfig, runs: int = 5, seed: int = 0, progre
 # CLI: python -m esp_tf.evaluate (flags are defined only when run as a program, so importing
 # this module next to esp_tf.cli, which owns --data_dir/--seed/--dsa of train.py, is safe)
 # =====================================================================================
-_ARCH_ORDER = ("convnet3", "resnet10", "densenet121", "efficientnetv2s")  # Table 2/3 column order
 
 
 def define_flags():
@@ -284,20 +284,6 @@ def define_flags():
     flags.DEFINE_integer("seed", 0, "Seed of the first run; run i uses seed + i.")
     flags.DEFINE_string("method", None, "Row label (default: the set's method + ipc, or 'full').")
     flags.DEFINE_string("output", None, "JSON file the results are merged into (default: print only).")
-
-
-def results_table(results: dict) -> str:
-    """Markdown table like the paper's Table 2: rows = methods (full dataset last), columns =
-    architectures (ConvNet-3, ResNet-10, DenseNet-121, EfficientNetV2-S first), mean +- std."""
-    archs = sorted({a for per in results.values() for a in per},
-                   key=lambda a: (_ARCH_ORDER.index(a) if a in _ARCH_ORDER else len(_ARCH_ORDER), a))
-    rows = sorted(results, key=lambda m: m.startswith("full"))
-    lines = ["| method | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
-    for m in rows:
-        cells = [f"{results[m][a]['mean']:.2f} +- {results[m][a]['std']:.2f}" if a in results[m] else "-"
-                 for a in archs]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main(argv):

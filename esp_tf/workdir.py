@@ -79,11 +79,17 @@ class Progress:
             f"{rate_s} ETA {eta_s} {message}".rstrip())
 
 
+ARCH_ORDER = ("convnet3", "resnet10", "densenet121", "efficientnetv2s")  # the paper's column order
+
+
 def results_table(results: dict) -> str:
-    """Markdown table: rows = methods, columns = architectures, cells = mean +- std (%)."""
-    archs = sorted({a for per in results.values() for a in per})
+    """Markdown table like the paper's Table 2: rows = methods (full dataset last), columns =
+    architectures (ConvNet-3, ResNet-10, DenseNet-121, EfficientNetV2-S first), mean +- std (%)."""
+    archs = sorted({a for per in results.values() for a in per},
+                   key=lambda a: (ARCH_ORDER.index(a) if a in ARCH_ORDER else len(ARCH_ORDER), a))
     lines = ["| method | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
-    for method, per in results.items():
+    for method in sorted(results, key=lambda m: m.startswith("full")):
+        per = results[method]
         cells = [f"{per[a]['mean']:.2f} +- {per[a]['std']:.2f}" if a in per else "-" for a in archs]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
