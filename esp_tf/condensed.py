@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from esp_tf.workdir import UserError
+from esp_tf.workdir import UserError, parse_flags_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,25 +45,9 @@ def _ipc(labels) -> int:
     return int(np.bincount(labels).max()) if len(labels) else 0
 
 
-def _read_flags_file(path: str) -> dict:
-    """--name=value lines of a flags.txt (booleans as --name / --noname) -> {name: str}."""
-    values = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line.startswith("--") and "=" in line:
-                name, value = line[2:].split("=", 1)
-                values[name] = value
-            elif line.startswith("--no"):
-                values[line[4:]] = "False"
-            elif line.startswith("--"):
-                values[line[2:]] = "True"
-    return values
-
-
 def _from_workdir(path, data_dir, source_dataset) -> CondensedSet:
     flags_path = os.path.join(path, "flags.txt")
-    recorded = _read_flags_file(flags_path) if os.path.exists(flags_path) else {}
+    recorded = parse_flags_file(flags_path) if os.path.exists(flags_path) else {}
     source = source_dataset or recorded.get("dataset")
     if not source:
         raise UserError(f"{path} has synthetic.npz but no flags.txt naming its --dataset; "
