@@ -142,3 +142,14 @@ def test_sliced_batch_variant_updates_only_the_sliced_images():
     assert sum(changed) == C                                                # IPC 2: half of them
     with pytest.raises(ValueError, match="multiple"):
         _step(esp.ESPConfig(batch_syn=C + 1))
+
+
+def test_esp_step_compiles_with_xla():
+    net = _tiny_net()
+    syn = PixelSynthetic(C, IPC, (HW, HW, 1), init="gaussian", seed=0)
+    step = esp.ESPStep(net, syn, {"pixels": keras.optimizers.Adam(0.01)},
+                       data_lib.ClassBalancedSampler(_fake_real()), esp.ESPConfig(real_per_class=4),
+                       jit_compile=True)
+    theta = net.init([0, 0])
+    theta_next, metrics = step(theta, _basis_at(net, theta), [0, 0])
+    assert np.isfinite(float(metrics["loss"])) and theta_next.shape == theta.shape
