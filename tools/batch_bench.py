@@ -59,6 +59,7 @@ def main(argv):
         rows.append((k, cell["mean"], cell["std"]))
         print(f"batch {k or 'all'} of {total} per class x classes: {cell['mean']:.2f} +- {cell['std']:.2f}",
               flush=True)
+    rows.sort(key=lambda r: r[0] if r[0] else float("inf"))     # small to large, "all" last
     print("\n| synthetic batch | accuracy (%) |\n|---|---|")
     for k, mean, std in rows:
         print(f"| {k or 'all'} | {mean:.2f} +- {std:.2f} |")
