@@ -114,10 +114,7 @@ def make_optimizers(s: CondenseSettings) -> dict:
 def _save_synthetic(path: str, images: np.ndarray, labels: np.ndarray) -> None:
     buf = io.BytesIO()
     np.savez(buf, images=images, labels=labels)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    wd.atomic_write_bytes(path, buf.getvalue())
 
 
 def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: CondenseSettings):

@@ -7,7 +7,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from conftest import fake_real
-from esp_tf import cli, condense, data as data_lib, models
+from esp_tf import cli, condense, models
 
 C, HW = 3, 16
 

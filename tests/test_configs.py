@@ -1,5 +1,4 @@
 """Every shipped flagfile starts with the command that runs it and holds valid flags."""
-import pathlib
 
 import pytest
 from absl import flags

@@ -1,5 +1,4 @@
 """The ESP step: exact outer gradients, single trace, the update rules of Algorithm 1."""
-import dataclasses
 
 import keras
 import numpy as np

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import fake_real
-from esp_tf import data as data_lib, experts, models
+from esp_tf import experts, models
 from esp_tf.trajectories import TrajectoryError, TrajectoryStore
 
 C, HW = 3, 8

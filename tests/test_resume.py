@@ -51,7 +51,7 @@ def test_sigkilled_condensation_resumes_and_matches_an_uninterrupted_run(tmp_pat
     out = subprocess.run(_cmd(work, tmp_path), cwd=REPO, env=_env(), capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"resumed from" in out.stdout
+    assert "resumed from" in out.stdout
     a, b = np.load(ref / "synthetic.npz"), np.load(work / "synthetic.npz")
     np.testing.assert_array_equal(a["labels"], b["labels"])
     np.testing.assert_array_equal(a["images"], b["images"])
