@@ -241,14 +241,22 @@ def evaluate(images: np.ndarray, labels: np.ndarray, test_images, test_labels, n
 
 
 def evaluate_full(real, config: EvalConfig, runs: int = 5, seed: int = 0, progress=None,
-                  on_epoch=None) -> dict:
+                  on_epoch=None, steps_per_epoch: int | None = None) -> dict:
     """Like `evaluate`, trained on the whole real train split of `real` (data.RealData) through
-    data.train_dataset, one seeded order per (seed, epoch): the "Full dataset" row."""
+    data.train_dataset, one seeded order per (seed, epoch): the "Full dataset" row.
+
+    `steps_per_epoch` caps an "epoch" at that many batches of its fresh random order (a
+    compute-limited full-data baseline; None: whole passes)."""
     from esp_tf import data as data_lib
+    if steps_per_epoch is not None and steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
 
     def batches_for_seed(s):
-        return lambda epoch: data_lib.train_dataset(
-            real, config.batch_size, int(np.random.SeedSequence([s, epoch]).generate_state(1)[0]))
+        def batches(epoch):
+            ds = data_lib.train_dataset(
+                real, config.batch_size, int(np.random.SeedSequence([s, epoch]).generate_state(1)[0]))
+            return ds if steps_per_epoch is None else ds.take(steps_per_epoch)
+        return batches
     run = _Run(config, real.image_shape, real.num_classes)
     return _repeat(run, batches_for_seed, data_lib.test_dataset(real, config.test_batch),
                    runs, seed, progress, on_epoch)
@@ -282,6 +290,8 @@ def define_flags():
     flags.DEFINE_float("lr", None, "Initial SGD learning rate (default: the protocols' 0.01).")
     flags.DEFINE_bool("dsa", True, "DSA augmentation while training (without it: several points lower).")
     flags.DEFINE_integer("seed", 0, "Seed of the first run; run i uses seed + i.")
+    flags.DEFINE_integer("steps_per_epoch", None, "--full only: an epoch is this many batches of a "
+                         "fresh random order (a compute-capped full-data row; default whole passes).")
     flags.DEFINE_string("method", None, "Row label (default: the set's method + ipc, or 'full').")
     flags.DEFINE_string("output", None, "JSON file the results are merged into (default: print only).")
 
@@ -301,7 +311,9 @@ def main(argv):
     unknown = [a for a in F.archs if a not in models.ARCHS]
     if unknown or not F.archs:
         raise wd.UserError(f"--archs: unknown {unknown}; known: {', '.join(sorted(models.ARCHS))}")
-    for name in ("runs", "epochs", "batch_size"):
+    if F.steps_per_epoch is not None and not F.full:
+        raise wd.UserError("--steps_per_epoch applies to --full only")
+    for name in ("runs", "epochs", "batch_size", "steps_per_epoch"):
         if getattr(F, name) is not None and getattr(F, name) < 1:
             raise wd.UserError(f"--{name} must be >= 1")
     if F.full:
@@ -336,9 +348,12 @@ def main(argv):
                 bar[0].update(i * epochs + done, f"run {i + 1}/{F.runs} epoch {done}/{epochs}")
         kwargs = dict(runs=F.runs, seed=F.seed, on_epoch=on_epoch,
                       progress=lambda i, n, acc, s: wd.say(f"  {arch} run {i + 1}/{n}: {acc:.2f}% ({s:.0f}s)"))
-        res = (evaluate_full(real, config, **kwargs) if F.full else
+        res = (evaluate_full(real, config, steps_per_epoch=F.steps_per_epoch, **kwargs) if F.full else
                evaluate(images, labels, test_x, None, real.num_classes, config, **kwargs))
         res.update(protocol=F.protocol, epochs=epochs, dsa=F.dsa, source_dataset=real.name)
+        if F.full:
+            res.update(steps_per_epoch=F.steps_per_epoch, train_images_seen=epochs * (
+                F.steps_per_epoch * config.batch_size if F.steps_per_epoch else len(real.train_labels)))
         results.setdefault(label, {})[arch] = res
         if F.output:
             wd.write_json(F.output, results)

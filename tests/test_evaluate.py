@@ -165,6 +165,22 @@ def test_full_mode_learns_from_the_whole_real_train_split(sets):
     assert res["mean"] > 40.0          # 10 classes: chance is 10%
 
 
+def test_full_mode_steps_per_epoch_caps_each_epoch_with_a_fresh_order(sets, monkeypatch):
+    seen, original = [], evaluate.train_and_test
+
+    def spy(run, batches, test, seed, on_epoch=None):
+        seen.append([np.concatenate([y.numpy() for _, y in batches(e)]) for e in range(run.config.epochs)])
+        return original(run, batches, test, seed, on_epoch)
+    monkeypatch.setattr(evaluate, "train_and_test", spy)
+    config = evaluate.EvalConfig(arch="convnet_tiny", epochs=2, batch_size=8, dsa=None)
+    evaluate.evaluate_full(sets["real"], config, runs=1, steps_per_epoch=3)
+    (first, second), = seen
+    assert len(first) == len(second) == 3 * 8          # 3 batches of 8, not the whole split
+    assert not np.array_equal(first, second)           # each epoch draws a new order
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        evaluate.evaluate_full(sets["real"], config, runs=1, steps_per_epoch=0)
+
+
 # ---------------------------------------------------------------- CLI
 def _cli(args, check=True):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -197,7 +213,8 @@ def test_cli_bad_input_exits_2_with_a_clear_message_and_no_traceback(sets, tmp_p
     cases = [[f"--condensed={tmp_path / 'missing_source'}", "--archs=convnet3,resnet999"],
              [f"--condensed={missing}"],
              [f"--condensed={tmp_path}"],
-             ["--condensed=no_such_set", f"--data_dir={sets['tfds_dir']}"]]
+             ["--condensed=no_such_set", f"--data_dir={sets['tfds_dir']}"],
+             [f"--condensed={sets['work']}", "--steps_per_epoch=5"]]
     script = textwrap.dedent(f"""
         import sys
         from absl import flags
@@ -214,7 +231,8 @@ def test_cli_bad_input_exits_2_with_a_clear_message_and_no_traceback(sets, tmp_p
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
     err = out.stderr
-    assert err.count("EXIT 2") == 4, err[-3000:]
+    assert err.count("EXIT 2") == 5, err[-3000:]
+    assert "--steps_per_epoch applies to --full only" in err
     assert "Traceback" not in err
     assert "unknown ['resnet999']" in err
     assert "'cifar10' is not available" in err and "data_dir" in err

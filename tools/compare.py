@@ -3,7 +3,8 @@ r"""Runs several condensation variants on one flagfile (sharing its experts) and
     python tools/compare.py --flagfile_base=configs/quickstart.flags --out=runs/compare \
         --variants=esp,esp_beta0.25,proj_only,dm_only,dm,tm
 
-Each variant is `python -m esp_tf.train --flagfile=<base> --workdir=<out>/<variant> <overrides>`
+Variants are names from VARIANTS or ad-hoc `--variant=name:<flags>` (repeatable), e.g.
+`--variant="dm300:--method=dm --iterations=300"`. Each variant is `python -m esp_tf.train --flagfile=<base> --workdir=<out>/<variant> <overrides>`
 (see VARIANTS), run one after another; finished variants are not rerun (the CLI resumes). The
 last output is a Markdown table: variant, method, accuracy mean +- std over the evaluation
 seeds, and the baselines of the first variant (random, herding).
@@ -31,7 +32,9 @@ VARIANTS = {
 
 flags.DEFINE_string("flagfile_base", "configs/quickstart.flags", "Flagfile every variant starts from.")
 flags.DEFINE_string("out", "runs/compare", "Parent directory of the variants' workdirs.")
-flags.DEFINE_list("variants", ["esp", "dm_only", "proj_only"], f"Any of {', '.join(VARIANTS)}.")
+flags.DEFINE_list("variants", [], f"Any of {', '.join(VARIANTS)}.")
+flags.DEFINE_multi_string("variant", [], "Ad-hoc variant 'name:<space-separated train flags>', run "
+                          "after --variants, e.g. --variant='dm300:--method=dm --iterations=300'.")
 flags.DEFINE_list("extra", [], "Flags added to every variant, e.g. --extra=--eval_runs=3.")
 FLAGS = flags.FLAGS
 
@@ -40,12 +43,22 @@ def main(argv):
     unknown = [v for v in FLAGS.variants if v not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    todo = [(v, VARIANTS[v]) for v in FLAGS.variants]
+    for spec in FLAGS.variant:
+        name, sep, overrides = spec.partition(":")
+        if not sep or not name or "/" in name:
+            sys.exit(f"--variant={spec!r}: expected 'name:<flags>'")
+        todo.append((name, overrides.split()))
+    if not todo:
+        sys.exit("nothing to run: give --variants and/or --variant")
+    if len({name for name, _ in todo}) != len(todo):
+        sys.exit("variant names must be unique (each gets its own workdir)")
     rows = []
-    for i, name in enumerate(FLAGS.variants):
+    for i, (name, overrides) in enumerate(todo):
         work = os.path.join(FLAGS.out, name)
         baselines = [] if i == 0 else ["--baselines="]
         cmd = [sys.executable, "-m", "esp_tf.train", f"--flagfile={FLAGS.flagfile_base}",
-               f"--workdir={work}"] + VARIANTS[name] + baselines + list(FLAGS.extra)
+               f"--workdir={work}"] + overrides + baselines + list(FLAGS.extra)
         print("$ " + " ".join(cmd[1:]), flush=True)
         if subprocess.run(cmd).returncode != 0:
             sys.exit(f"variant {name} failed")
