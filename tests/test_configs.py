@@ -18,7 +18,8 @@ def test_there_is_a_config_per_paper_dataset_plus_quickstart():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_starts_with_its_command_and_parses_into_valid_flags(path):
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# python -m esp_tf.train --flagfile=configs/" + path.name), first
+    assert first.startswith(("# python -m esp_tf.train --flagfile=configs/" + path.name,
+                             "# python tools/compare.py --flagfile_base=configs/" + path.name)), first
     with flagsaver.flagsaver():
         argv = flags.FLAGS.read_flags_from_files([f"--flagfile={path}"], force_gnu=True)
         flags.FLAGS(["esp_tf.train"] + argv, known_only=False)
