@@ -87,14 +87,18 @@ def phase_experts(real, net):
     bar = wd.Progress("experts", FLAGS.num_experts, done=len(finished))
 
     def progress(k, done, total, acc, seconds):
+        tick[0] = time.time()
         bar.update(done, f"expert {k}: test acc {100 * acc:.1f}% ({seconds:.0f}s)")
 
-    epoch_bar = {}
+    epoch_bar, tick = {}, [time.time()]
 
     def on_epoch(k, epoch, epochs, loss):
+        seconds, tick[0] = time.time() - tick[0], time.time()
         if epochs >= 10:     # long experts: a line per epoch too
             bar_k = epoch_bar.setdefault(k, wd.Progress(f"expert {k}", epochs, done=epoch - 1))
             bar_k.update(epoch, f"loss {loss:.3f}")
+        elif seconds > 60:   # few but slow epochs (full-size datasets on CPU): say each one
+            wd.say(f"[expert {k}] epoch {epoch}/{epochs} loss {loss:.3f} ({seconds:.0f}s)")
 
     accs = experts.generate(store, net, real, meta, FLAGS.num_experts, config, seed=FLAGS.seed,
                             progress=progress, on_epoch=on_epoch)
