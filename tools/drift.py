@@ -23,7 +23,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     import numpy as np
-    from esp_tf import data as data_lib, workdir as wd
+    from esp_tf import condense, data as data_lib, workdir as wd
     if len(argv) < 2:
         sys.exit("give one or more workdirs")
     print("| workdir | method | mean abs change | RMS change | RMS of init |\n|---|---|---|---|---|")
@@ -36,8 +36,8 @@ def main(argv):
         if f.get("param", "pixels") != "pixels" or f.get("init", "real") != "real":
             sys.exit(f"{work}: drift needs --param=pixels --init=real (has {f.get('param')}, {f.get('init')})")
         real = data_lib.load(f["dataset"], FLAGS.data_dir or f.get("data_dir") or None)
-        x, _ = data_lib.ClassBalancedSampler(real).random_subset(int(f.get("seed", 0)), int(f["ipc"]))
-        init = data_lib.normalize(x, real.mean, real.std).numpy().reshape(images.shape)
+        settings = condense.CondenseSettings(workdir=work, init="real", seed=int(f.get("seed", 0)))
+        init = condense._real_init(real, settings, int(f["ipc"])).reshape(images.shape)  # as the run did
         d = images - init
         print(f"| {work} | {f.get('method', 'esp')} | {np.abs(d).mean():.3f} | "
               f"{np.sqrt((d ** 2).mean()):.3f} | {np.sqrt((init ** 2).mean()):.3f} |")
