@@ -57,7 +57,7 @@ class CondenseSettings:
     jit_compile: bool = False
 
 
-def _real_init(real: data_lib.RealData, s: CondenseSettings, per_class: int):
+def real_init(real: data_lib.RealData, s: CondenseSettings, per_class: int):
     """per_class random real images of each class, normalised, class-major (or None)."""
     if s.init != "real":
         return None
@@ -74,11 +74,11 @@ def make_synthetic(real: data_lib.RealData, s: CondenseSettings):
         except ValueError as e:
             raise wd.UserError(str(e)) from e
         return LatentSynthetic(real.num_classes, s.ipc, real.image_shape, init=s.init,
-                               real_images=_real_init(real, s, n), seed=s.seed, **design)
+                               real_images=real_init(real, s, n), seed=s.seed, **design)
     if s.param != "pixels":
         raise ValueError(f"param must be pixels or latents, got {s.param!r}")
     return PixelSynthetic(real.num_classes, s.ipc, real.image_shape, init=s.init,
-                          real_images=_real_init(real, s, s.ipc), seed=s.seed)
+                          real_images=real_init(real, s, s.ipc), seed=s.seed)
 
 
 def updates_per_iteration(s: CondenseSettings) -> int:

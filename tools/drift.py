@@ -37,7 +37,7 @@ def main(argv):
             sys.exit(f"{work}: drift needs --param=pixels --init=real (has {f.get('param')}, {f.get('init')})")
         real = data_lib.load(f["dataset"], FLAGS.data_dir or f.get("data_dir") or None)
         settings = condense.CondenseSettings(workdir=work, init="real", seed=int(f.get("seed", 0)))
-        init = condense._real_init(real, settings, int(f["ipc"])).reshape(images.shape)  # as the run did
+        init = condense.real_init(real, settings, int(f["ipc"])).reshape(images.shape)  # as the run did
         d = images - init
         print(f"| {work} | {f.get('method', 'esp')} | {np.abs(d).mean():.3f} | "
               f"{np.sqrt((d ** 2).mean()):.3f} | {np.sqrt((init ** 2).mean()):.3f} |")
