@@ -57,6 +57,8 @@ flags.DEFINE_integer("num_decoders", 4, "Shared decoders; images per class = cod
 flags.DEFINE_integer("latent_downsample", 2, "Latent codes are image size / this (--param=latents).")
 flags.DEFINE_enum("lr_schedule", "linear", ["linear", "constant"], "Synthetic lr schedule (paper: linear decay).")
 flags.DEFINE_bool("dsa", True, "Differentiable Siamese augmentation during condensation.")
+flags.DEFINE_bool("clip_pixels", True, "Clip synthetic renders to the real pixel range 0..255 (valid "
+                  "images for uint8 export and BatchNorm networks); --noclip_pixels: unbounded.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the ESP step (recommended on GPU).")
 flags.DEFINE_integer("ckpt_every", 50, "Checkpoint the synthetic set every this many iterations.")
 flags.DEFINE_integer("log_every", 10, "Log metrics every this many iterations.")
@@ -156,7 +158,7 @@ def condense_settings():
                             esp=esp, param=FLAGS.param, lr_pixels=lr_pixels(),
                             lr_codes=FLAGS.lr_codes, lr_decoders=FLAGS.lr_decoders,
                             num_decoders=FLAGS.num_decoders, latent_downsample=FLAGS.latent_downsample,
-                            lr_schedule=FLAGS.lr_schedule,
+                            lr_schedule=FLAGS.lr_schedule, clip_pixels=FLAGS.clip_pixels,
                             seed=FLAGS.seed, ckpt_every=FLAGS.ckpt_every, log_every=FLAGS.log_every,
                             jit_compile=FLAGS.jit_compile)
 

@@ -51,6 +51,7 @@ class CondenseSettings:
     num_decoders: int = 4            # latents: decoders shared by all classes
     latent_downsample: int = 2       # latents: codes are H/f x W/f
     lr_schedule: str = "linear"      # linear decay to 0 over all updates (paper 4.2), or constant
+    clip_pixels: bool = True         # renders clipped to the real pixel range [0, 255] (synthetic.py)
     seed: int = 0
     ckpt_every: int = 50
     log_every: int = 10
@@ -65,8 +66,15 @@ def real_init(real: data_lib.RealData, s: CondenseSettings, per_class: int):
     return data_lib.normalize(x, real.mean, real.std).numpy()
 
 
+def pixel_range(real: data_lib.RealData):
+    """(lo, hi) per channel: pixel values 0 and 255 in the normalised units of `real`."""
+    mean, std = np.asarray(real.mean, np.float32), np.asarray(real.std, np.float32)
+    return (0.0 - mean) / std, (1.0 - mean) / std
+
+
 def make_synthetic(real: data_lib.RealData, s: CondenseSettings):
     """The learnable set for --param: IPC images per class, or codes + decoders in that budget."""
+    bounds = pixel_range(real) if s.clip_pixels else None
     if s.param == "latents":
         design = {"num_decoders": s.num_decoders, "downsample": s.latent_downsample}
         try:
@@ -74,11 +82,12 @@ def make_synthetic(real: data_lib.RealData, s: CondenseSettings):
         except ValueError as e:
             raise wd.UserError(str(e)) from e
         return LatentSynthetic(real.num_classes, s.ipc, real.image_shape, init=s.init,
-                               real_images=real_init(real, s, n), seed=s.seed, **design)
+                               real_images=real_init(real, s, n), seed=s.seed, pixel_range=bounds,
+                               **design)
     if s.param != "pixels":
         raise ValueError(f"param must be pixels or latents, got {s.param!r}")
     return PixelSynthetic(real.num_classes, s.ipc, real.image_shape, init=s.init,
-                          real_images=real_init(real, s, s.ipc), seed=s.seed)
+                          real_images=real_init(real, s, s.ipc), seed=s.seed, pixel_range=bounds)
 
 
 def updates_per_iteration(s: CondenseSettings) -> int:

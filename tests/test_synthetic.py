@@ -234,3 +234,51 @@ def test_pixel_real_init_renders_the_given_images_exactly():
 def test_pixel_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PixelSynthetic(C, image_shape=(HW, HW, 1), **kwargs)
+
+
+# -- pixel range ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("param", ["pixels", "latents"])
+def test_pixel_range_clips_renders_and_passes_no_gradient_through_clipped_pixels(param):
+    lo, hi = -1.0, 1.5
+    if param == "pixels":
+        start = np.linspace(-3, 3, C * IPC * HW * HW).reshape(C * IPC, HW, HW, 1).astype(np.float32)
+        syn = PixelSynthetic(C, IPC, (HW, HW, 1), init="real", real_images=start, pixel_range=(lo, hi))
+        free = PixelSynthetic(C, IPC, (HW, HW, 1), init="real", real_images=start)
+    else:
+        syn, free = _tiny(seed=3, pixel_range=(lo, hi)), _tiny(seed=3)
+        for v in syn.codes, free.codes:
+            v.assign(3.0 * v)                                   # push part of the render outside
+    with tf.GradientTape() as tape:
+        x, _ = syn.render()
+        loss = tf.reduce_sum(x * tf.random.stateless_normal(x.shape, [1, 2]))
+    raw = free.render()[0].numpy()
+    outside = (raw < lo) | (raw > hi)
+    assert 0.05 < outside.mean() < 0.95                          # the test exercises both cases
+    np.testing.assert_allclose(x.numpy(), np.clip(raw, lo, hi), atol=1e-6)
+    if param == "pixels":                                        # d loss / d pixel is 0 where clipped
+        g = tape.gradient(loss, syn.images).numpy()
+        assert np.all(g[outside] == 0) and np.all(g[~outside] != 0)
+    else:
+        assert all(g is not None for g in tape.gradient(loss, syn.trainable_variables))
+
+
+def test_pixel_range_per_channel_bounds_and_bad_bounds():
+    real = np.full((C * IPC, HW, HW, 3), 5.0, np.float32)
+    syn = PixelSynthetic(C, IPC, (HW, HW, 3), init="real", real_images=real,
+                         pixel_range=(np.array([0, 1, 2]), np.array([1, 2, 3])))
+    np.testing.assert_array_equal(syn.render()[0].numpy()[0, 0, 0], [1, 2, 3])
+    with pytest.raises(ValueError, match="pixel_range"):
+        PixelSynthetic(C, IPC, (HW, HW, 1), init="gaussian", pixel_range=(1.0, 1.0))
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_make_synthetic_bounds_renders_to_the_real_pixel_range_unless_turned_off(tmp_path, clip):
+    from esp_tf import condense
+    real = fake_real(3, 8, 1, per_class=4)                       # mean 0.5, std 0.25: range -2..2
+    s = condense.CondenseSettings(workdir=str(tmp_path), init="gaussian", ipc=4, clip_pixels=clip)
+    syn = condense.make_synthetic(real, s)
+    syn.images.assign(4.0 * syn.images)
+    x = syn.render()[0].numpy()
+    lo, hi = condense.pixel_range(real)
+    np.testing.assert_allclose([lo[0], hi[0]], [-2.0, 2.0])
+    assert (x.min() >= -2.0 and x.max() <= 2.0) == clip
