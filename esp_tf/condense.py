@@ -66,15 +66,9 @@ def real_init(real: data_lib.RealData, s: CondenseSettings, per_class: int):
     return data_lib.normalize(x, real.mean, real.std).numpy()
 
 
-def pixel_range(real: data_lib.RealData):
-    """(lo, hi) per channel: pixel values 0 and 255 in the normalised units of `real`."""
-    mean, std = np.asarray(real.mean, np.float32), np.asarray(real.std, np.float32)
-    return (0.0 - mean) / std, (1.0 - mean) / std
-
-
 def make_synthetic(real: data_lib.RealData, s: CondenseSettings):
     """The learnable set for --param: IPC images per class, or codes + decoders in that budget."""
-    bounds = pixel_range(real) if s.clip_pixels else None
+    bounds = data_lib.pixel_range(real) if s.clip_pixels else None
     if s.param == "latents":
         design = {"num_decoders": s.num_decoders, "downsample": s.latent_downsample}
         try:

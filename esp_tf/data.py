@@ -236,6 +236,21 @@ def normalize(images, mean, std) -> tf.Tensor:
     return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
+def pixel_range(data: RealData) -> tuple:
+    """(lo, hi) float32 [C]: pixel values 0 and 255 in the normalised units of `data`."""
+    mean, std = np.asarray(data.mean, np.float32), np.asarray(data.std, np.float32)
+    return (0.0 - mean) / std, (1.0 - mean) / std
+
+
+def fraction_outside_pixel_range(images, data: RealData) -> float:
+    """Share of the values of normalised `images` that no uint8 pixel of `data` can take
+    (beyond 0..255 by more than the half gray level that rounding absorbs)."""
+    lo, hi = pixel_range(data)
+    half_level = 0.5 / 255.0 / np.asarray(data.std, np.float32)
+    x = np.asarray(images, np.float32)
+    return float(np.mean((x < lo - half_level) | (x > hi + half_level)))
+
+
 def denormalize(x, mean, std) -> tf.Tensor:
     """Inverse of :func:`normalize`: float32 normalised -> uint8, rounded and clipped to 0..255."""
     pixels = (tf.cast(x, tf.float32) * tf.constant(std, tf.float32)

@@ -332,6 +332,12 @@ def main(argv):
                                f"{real.num_classes} classes); set --source_dataset")
         wd.say(f"condensed set {F.condensed} ({cset.kind}): {len(labels)} images; scored on "
                f"{real.name} test ({len(real.test_labels)} images)")
+        outside = data_lib.fraction_outside_pixel_range(images, real)
+        if outside > 0.01:
+            wd.say(f"note: {100 * outside:.1f}% of the set's values lie outside the pixel range 0..255 of "
+                   f"{real.name}. BatchNorm networks (resnet10, densenet121, efficientnetv2s) then keep "
+                   "statistics that no real image has and lose accuracy; esp_tf.train clips renders "
+                   "to the range by default (--clip_pixels)")
     overrides = {k: getattr(F, k) for k in ("batch_size", "lr") if getattr(F, k) is not None}
     epochs = F.epochs or (50 if F.full else 1000)
     results = (wd.read_json(F.output) if F.output else None) or {}

@@ -179,11 +179,17 @@ def phase_evaluate(real, net, store, images, labels):
 def phase_export(real, images, labels, synthetic, results):
     from esp_tf import data as data_lib, export, saved_models
     pixels = data_lib.denormalize(images, real.mean, real.std).numpy()
+    clipped = data_lib.fraction_outside_pixel_range(images, real)
+    if clipped > 0:
+        wd.say(f"export: WARNING {100 * clipped:.2f}% of the set's values lie outside the pixel range "
+               "0..255 and are clipped in the uint8 'image' feature (the run used --noclip_pixels); "
+               "'image_normalized' holds the set exactly")
     grid = export.image_grid(pixels, labels, real.num_classes)
     export.save_png(grid, path("grid.png"))
     name = FLAGS.export_name or f"{FLAGS.method}_{real.name.split(':')[0]}_ipc{FLAGS.ipc}"
     meta = {"source_dataset": real.name, "method": FLAGS.method, "param": FLAGS.param, "ipc": FLAGS.ipc,
-            "flags": cli.flag_values(), "accuracy": results.get(FLAGS.method, {})}
+            "flags": cli.flag_values(), "accuracy": results.get(FLAGS.method, {}),
+            "fraction_clipped_in_uint8": round(clipped, 6)}
     out = export.export_tfds(name=name, data_dir=path("tfds"), images=pixels, labels=labels,
                              class_names=list(real.class_names), metadata=meta,
                              images_normalized=np.asarray(images, np.float32))

@@ -275,3 +275,15 @@ def test_embedded_npz_is_reproduced_by_its_build_script(shared_tfds_dir, tmp_pat
     assert sorted(rebuilt.files) == sorted(shipped.files)
     for key in shipped.files:
         np.testing.assert_array_equal(rebuilt[key], shipped[key])
+
+
+def test_pixel_range_is_0_and_255_normalised_and_rounding_is_not_counted_as_outside():
+    from conftest import fake_real
+    real = fake_real(2, 4, 1, per_class=2)                       # mean 0.5, std 0.25
+    lo, hi = data.pixel_range(real)
+    np.testing.assert_allclose([lo[0], hi[0]], [-2.0, 2.0])
+    x = data.normalize(real.train_images, real.mean, real.std).numpy()
+    assert data.fraction_outside_pixel_range(x, real) == 0
+    step = 1.0 / 255.0 / 0.25                                    # one gray level, normalised
+    assert data.fraction_outside_pixel_range(np.array([2.0 + 0.4 * step, -2.0 - 0.4 * step]), real) == 0
+    assert data.fraction_outside_pixel_range(np.array([2.0 + step, 0.0, -2.0 - step, 1.0]), real) == 0.5

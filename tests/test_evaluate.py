@@ -203,6 +203,16 @@ def test_cli_end_to_end_merges_json_and_prints_the_table(sets, tmp_path):
     assert "dsa ipc1" in results                                    # merged, not overwritten
     assert "| method | convnet3 |" in out.stdout and "| esp ipc1 | " in out.stdout and " +- " in out.stdout
     assert "ETA" in out.stdout
+    assert "outside the pixel range" not in out.stdout             # real images: no note
+
+
+def test_cli_notes_a_set_whose_values_leave_the_pixel_range(sets, tmp_path):
+    work = tmp_path / "unbounded"
+    work.mkdir()
+    np.savez(work / "synthetic.npz", images=5.0 * sets["images"], labels=sets["labels"])
+    (work / "flags.txt").write_text(f"--dataset={SOURCE}\n--data_dir={sets['tfds_dir']}\n")
+    out = _cli([f"--condensed={work}", "--archs=convnet_tiny", "--runs=1", "--epochs=1"])
+    assert "outside the pixel range 0..255" in out.stdout and "--clip_pixels" in out.stdout
 
 
 def test_cli_bad_input_exits_2_with_a_clear_message_and_no_traceback(sets, tmp_path):

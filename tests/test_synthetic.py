@@ -279,6 +279,6 @@ def test_make_synthetic_bounds_renders_to_the_real_pixel_range_unless_turned_off
     syn = condense.make_synthetic(real, s)
     syn.images.assign(4.0 * syn.images)
     x = syn.render()[0].numpy()
-    lo, hi = condense.pixel_range(real)
+    lo, hi = data_lib.pixel_range(real)
     np.testing.assert_allclose([lo[0], hi[0]], [-2.0, 2.0])
     assert (x.min() >= -2.0 and x.max() <= 2.0) == clip

@@ -87,3 +87,18 @@ def test_drift_tool_rebuilds_the_real_init_of_a_finished_run(finished_run):
     # 8 Adam updates of lr <= 0.01 move a pixel at most ~0.08: a wrongly rebuilt init (other
     # real images, RMS ~1) could not come this close
     assert 0 < mean_abs <= 0.08 and rms <= 0.1 and init_rms > 0.5
+
+
+def test_default_run_renders_valid_pixels_and_the_uint8_export_clips_nothing(finished_run):
+    import tensorflow_datasets as tfds
+    from esp_tf import data as data_lib
+    tmp, work, out = finished_run
+    real = data_lib.load("fashion_mnist_mini", str(tmp / "tfds"))
+    lo, hi = data_lib.pixel_range(real)
+    x = np.load(work / "synthetic.npz")["images"]
+    assert x.min() >= lo.min() - 1e-6 and x.max() <= hi.max() + 1e-6
+    assert data_lib.fraction_outside_pixel_range(x, real) == 0
+    version_dir = next(p for p in (work / "tfds").rglob("dataset_info.json")).parent
+    meta = tfds.builder_from_directory(str(version_dir)).info.metadata
+    assert meta["fraction_clipped_in_uint8"] == 0
+    assert "WARNING" not in out.stdout
