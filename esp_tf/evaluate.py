@@ -340,7 +340,7 @@ def main(argv):
                    "to the range by default (--clip_pixels)")
     overrides = {k: getattr(F, k) for k in ("batch_size", "lr") if getattr(F, k) is not None}
     epochs = F.epochs or (50 if F.full else 1000)
-    results = (wd.read_json(F.output) if F.output else None) or {}
+    results = (wd.read_json(F.output) if F.output else None) or {}   # fails early if corrupt
     test_x = data_lib.test_dataset(real, 1000)
     for k, arch in enumerate(F.archs):
         config = protocol_config(F.protocol, arch, epochs, F.dsa, **overrides)
@@ -361,8 +361,8 @@ def main(argv):
             res.update(steps_per_epoch=F.steps_per_epoch, train_images_seen=epochs * (
                 F.steps_per_epoch * config.batch_size if F.steps_per_epoch else len(real.train_labels)))
         results.setdefault(label, {})[arch] = res
-        if F.output:
-            wd.write_json(F.output, results)
+        if F.output:     # merged into the file as it is now: parallel runs may share --output
+            results = wd.merge_json_cell(F.output, label, arch, res)
     print(results_table(results), flush=True)
 
 

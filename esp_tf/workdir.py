@@ -43,6 +43,23 @@ def write_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def merge_json_cell(path: str, row: str, column: str, value) -> dict:
+    """Sets obj[row][column] = value in the JSON file at `path` (created if missing) and returns
+    the merged object. The file is re-read under an exclusive lock right before the atomic
+    write, so processes filling different cells of one results file never drop each other's."""
+    import fcntl
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            obj = read_json(path) or {}
+            obj.setdefault(row, {})[column] = value
+            write_json(path, obj)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return obj
+
+
 def read_json(path: str):
     """The parsed file, or None when it does not exist; a corrupt file is a UserError."""
     if not os.path.exists(path):

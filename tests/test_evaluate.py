@@ -259,3 +259,20 @@ def test_efficientnetv2s_short_evaluation_runs_and_is_reproducible(sets):
     assert len(res["accuracies"]) == 2 and all(0.0 <= a <= 100.0 for a in res["accuracies"])
     assert evaluate.evaluate(x, y, test_x, real.test_labels[:100], 10, config, runs=1, seed=0)["accuracies"] \
         == res["accuracies"][:1]
+
+
+def test_parallel_writers_of_one_results_file_keep_every_cell(tmp_path):
+    """Several evaluate processes (one per architecture) may share --output."""
+    from esp_tf import workdir
+    path = str(tmp_path / "results.json")
+    script = textwrap.dedent(f"""
+        import sys
+        from esp_tf import workdir
+        for i in range(40):
+            workdir.merge_json_cell({path!r}, "row" + str(i % 3), sys.argv[1] + str(i), i)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, name], cwd=REPO) for name in "abc"]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    merged = workdir.read_json(path)
+    assert sum(len(cells) for cells in merged.values()) == 3 * 40
+    assert merged["row1"]["b4"] == 4
