@@ -276,3 +276,25 @@ def test_parallel_writers_of_one_results_file_keep_every_cell(tmp_path):
     merged = workdir.read_json(path)
     assert sum(len(cells) for cells in merged.values()) == 3 * 40
     assert merged["row1"]["b4"] == 4
+
+
+def test_learning_curve_tool_reports_fit_and_transfer_at_each_checkpoint(sets, tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("learning_curve", os.path.join(REPO, "tools", "learning_curve.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    sorted_labels = np.repeat(np.arange(10), 20)                   # a class-sorted test split
+    assert np.bincount(sorted_labels[tool.stratified_subset(sorted_labels, 50)]).tolist() == [5] * 10
+    output = tmp_path / "curve.json"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "tools/learning_curve.py", f"--condensed={sets['work']}",
+                          "--arch=convnet_tiny", "--epochs=4", "--every=2", "--test_subset=100",
+                          f"--output={output}"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(output.read_text())
+    assert [p["epoch"] for p in result["curve"]] == [2, 4]
+    for p in result["curve"]:
+        assert np.isfinite(p["loss"]) and all(0 <= p[k] <= 100 for k in
+                                               ("train_acc", "test_acc", "test_acc_batch_stats"))
+    assert 0 <= result["final_test_acc"] <= 100 and "test subset 100 of 2000" in out.stdout

@@ -1,0 +1,112 @@
+r"""Learning curve of one network on a condensed set: is it not learning, or not transferring?
+
+    python tools/learning_curve.py --condensed=runs/bench/cifar10_ipc1/esp_latents_clip \
+        --arch=efficientnetv2s --epochs=1000 --every=100 --output=runs/bench/curve.json
+
+Trains `--arch` on the set exactly as `esp_tf.evaluate` does (same protocol, lr schedule, DSA,
+momentum SGD; one seed) and every `--every` epochs prints the training loss, the accuracy on
+the condensed set itself and the accuracy on a class-stratified subset of the real test split
+(`--test_subset` images), both with BatchNorm in inference mode, plus the test-subset
+accuracy with batch statistics (BatchNorm in training mode). At the end it scores the whole
+test split. A network that fits the set but stays at chance on real images does not transfer;
+one that does not even fit the set needs more steps or another lr; a gap between the two test
+columns points at BatchNorm statistics that differ between the set and real images.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+flags.DEFINE_string("condensed", None, "Condensed set (as esp_tf.evaluate --condensed).")
+flags.DEFINE_string("data_dir", None, "TFDS data_dir of TFDS names and of the source dataset.")
+flags.DEFINE_string("arch", "convnet3", "Architecture (models.ARCHS).")
+flags.DEFINE_enum("protocol", "standard", ["standard", "idc"], "Evaluation protocol.")
+flags.DEFINE_integer("epochs", 1000, "Training epochs (the lr schedule is that of this length).")
+flags.DEFINE_integer("every", 100, "Report every this many epochs.")
+flags.DEFINE_float("lr", None, "Initial SGD lr (default: the protocol's).")
+flags.DEFINE_integer("batch_size", None, "Batch size (default: the protocol's).")
+flags.DEFINE_bool("dsa", True, "DSA while training.")
+flags.DEFINE_integer("test_subset", 2000, "Real test images scored at each report (stratified).")
+flags.DEFINE_integer("seed", 0, "Seed of the run.")
+flags.DEFINE_string("output", None, "JSON file for the curve (default: print only).")
+FLAGS = flags.FLAGS
+
+
+def stratified_subset(labels, size: int):
+    """Indices of about `size` test images with the classes in their split proportions (test
+    splits may be stored sorted by class, so a prefix would hold one or two classes only)."""
+    import numpy as np
+    step = max(1, len(labels) // size)
+    return np.argsort(labels, kind="stable")[::step][:size]
+
+
+def main(argv):
+    import numpy as np
+    import tensorflow as tf
+    from esp_tf import condensed as condensed_lib, data as data_lib, evaluate, workdir as wd
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.condensed:
+        raise app.UsageError("--condensed is required")
+    for name in ("epochs", "every", "test_subset"):
+        if getattr(FLAGS, name) < 1:
+            raise app.UsageError(f"--{name} must be >= 1")
+    try:
+        cset = condensed_lib.resolve(FLAGS.condensed, FLAGS.data_dir)
+        real = data_lib.load(cset.source_dataset, cset.data_dir, max_train_per_class=1)
+    except (wd.UserError, data_lib.DatasetNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    x = cset.normalized(real.mean, real.std).astype(np.float32)
+    y = cset.labels.astype(np.int32)
+    test_x = data_lib.normalize(real.test_images, real.mean, real.std).numpy()
+    test_y = real.test_labels.astype(np.int32)
+    sub = stratified_subset(test_y, FLAGS.test_subset)
+    overrides = {k: getattr(FLAGS, k) for k in ("lr", "batch_size") if getattr(FLAGS, k) is not None}
+    config = evaluate.protocol_config(FLAGS.protocol, FLAGS.arch, FLAGS.epochs, FLAGS.dsa, **overrides)
+    run = evaluate._Run(config, x.shape[1:], real.num_classes)
+    run.reset(FLAGS.seed)
+    batch_stats = tf.function(lambda a: tf.argmax(run.model(a, training=True), -1, output_type=tf.int32))
+
+    def accuracy(images, labels, training_bn=False):
+        hits = 0
+        for i in range(0, len(labels), 500):
+            a, b = tf.constant(images[i:i + 500]), tf.constant(labels[i:i + 500])
+            hits += int(tf.reduce_sum(tf.cast(tf.equal(batch_stats(a), b), tf.int32)) if training_bn
+                        else run.count_correct(a, b))
+        return round(100.0 * hits / len(labels), 2)
+
+    batches = evaluate._array_epochs(x, y, config.batch_size, FLAGS.seed)
+    print(f"{FLAGS.arch} on {FLAGS.condensed} ({len(y)} images), {FLAGS.protocol} protocol, "
+          f"lr {config.lr}, {FLAGS.epochs} epochs; test subset {len(sub)} of {len(test_y)}", flush=True)
+    curve, step, t0 = [], 0, time.time()
+    for epoch in range(FLAGS.epochs):
+        lr = tf.constant(evaluate.learning_rate(config, epoch), tf.float32)
+        for xb, yb in batches(epoch):
+            loss = run.train_step(xb, yb, lr, tf.constant([FLAGS.seed, step], tf.int64))
+            step += 1
+        if (epoch + 1) % FLAGS.every == 0 or epoch + 1 == FLAGS.epochs:
+            if not np.isfinite(float(loss)):
+                sys.exit(f"error: training loss is {float(loss)} at epoch {epoch + 1}")
+            point = dict(epoch=epoch + 1, step=step, loss=round(float(loss), 4),
+                         train_acc=accuracy(x, y), test_acc=accuracy(test_x[sub], test_y[sub]),
+                         test_acc_batch_stats=accuracy(test_x[sub], test_y[sub], True),
+                         seconds=round(time.time() - t0))
+            curve.append(point)
+            print(json.dumps(point), flush=True)
+    result = dict(arch=FLAGS.arch, condensed=FLAGS.condensed, protocol=FLAGS.protocol, lr=config.lr,
+                  epochs=FLAGS.epochs, seed=FLAGS.seed, curve=curve,
+                  final_test_acc=accuracy(test_x, test_y))
+    print(f"final accuracy on the whole test split: {result['final_test_acc']}%", flush=True)
+    if FLAGS.output:
+        wd.write_json(FLAGS.output, result)
+
+
+if __name__ == "__main__":
+    app.run(main)
