@@ -94,6 +94,32 @@ def test_one_training_step_updates_weights_and_batchnorm_statistics(name):
     assert {"kernel", "gamma", "moving_mean", "moving_variance"} <= changed
 
 
+# The EfficientNetV2 code path (keras-cv backbone from an explicit stack, our head, the
+# evaluation step) at toy size: one fused and one unfused stage with squeeze-and-excite.
+# The full-size network's first step traces for ~50 s, so it lives in the slow tests below.
+TINY_EFFNET = dict(archs.EFFICIENTNETV2_S, stackwise_kernel_sizes=[3, 3], stackwise_num_repeats=[1, 1],
+                   stackwise_input_filters=[8, 8], stackwise_output_filters=[8, 16],
+                   stackwise_expansion_ratios=[1, 2], stackwise_squeeze_and_excite_ratios=[0.0, 0.25],
+                   stackwise_strides=[1, 2], stackwise_conv_types=["fused", "unfused"])
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3), (64, 64, 3)])
+def test_efficientnetv2_code_path_builds_and_takes_one_training_step(shape, monkeypatch):
+    monkeypatch.setitem(models.ARCHS, "effnet_toy",
+                        lambda s, c, **kw: archs.efficientnetv2(s, c, stack=TINY_EFFNET, **kw))
+    config = evaluate.protocol_config("standard", "effnet_toy", epochs=1, dsa=False, batch_size=4)
+    run = evaluate._Run(config, shape, 10)
+    run.reset(0)
+    assert run.model.output.shape == (None, 10)
+    before = [v.numpy().copy() for v in run.model.variables]
+    x = tf.random.stateless_normal((4, *shape), [7, 8])
+    loss = run._train_step(x, tf.range(4), tf.constant(0.01), tf.constant([0, 0], tf.int64))  # eager
+    assert np.isfinite(float(loss))
+    changed = {v.path.rsplit("/", 1)[-1] for v, b in zip(run.model.variables, before)
+               if not np.array_equal(v.numpy(), b)}
+    assert {"kernel", "gamma", "moving_mean", "moving_variance"} <= changed
+
+
 def test_inference_uses_moving_statistics_not_the_batch():
     model = models.build("resnet10", (32, 32, 3), 10)
     x = tf.random.stateless_normal((3, 32, 32, 3), [5, 6])
