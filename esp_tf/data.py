@@ -236,6 +236,14 @@ def normalize(images, mean, std) -> tf.Tensor:
     return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
+def stratified_subset(labels, size: int) -> np.ndarray:
+    """Indices of about `size` examples with the classes in their split proportions. Test
+    splits may be stored sorted by class (RealData's are), so a prefix would hold one or two
+    classes only."""
+    step = max(1, len(labels) // size)
+    return np.argsort(np.asarray(labels), kind="stable")[::step][:size]
+
+
 def pixel_range(data: RealData) -> tuple:
     """(lo, hi) float32 [C]: pixel values 0 and 255 in the normalised units of `data`."""
     mean, std = np.asarray(data.mean, np.float32), np.asarray(data.std, np.float32)

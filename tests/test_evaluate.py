@@ -279,12 +279,8 @@ def test_parallel_writers_of_one_results_file_keep_every_cell(tmp_path):
 
 
 def test_learning_curve_tool_reports_fit_and_transfer_at_each_checkpoint(sets, tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("learning_curve", os.path.join(REPO, "tools", "learning_curve.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     sorted_labels = np.repeat(np.arange(10), 20)                   # a class-sorted test split
-    assert np.bincount(sorted_labels[tool.stratified_subset(sorted_labels, 50)]).tolist() == [5] * 10
+    assert np.bincount(sorted_labels[data.stratified_subset(sorted_labels, 50)]).tolist() == [5] * 10
     output = tmp_path / "curve.json"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run([sys.executable, "tools/learning_curve.py", f"--condensed={sets['work']}",

@@ -39,14 +39,6 @@ flags.DEFINE_string("output", None, "JSON file for the curve (default: print onl
 FLAGS = flags.FLAGS
 
 
-def stratified_subset(labels, size: int):
-    """Indices of about `size` test images with the classes in their split proportions (test
-    splits may be stored sorted by class, so a prefix would hold one or two classes only)."""
-    import numpy as np
-    step = max(1, len(labels) // size)
-    return np.argsort(labels, kind="stable")[::step][:size]
-
-
 def main(argv):
     import numpy as np
     import tensorflow as tf
@@ -67,7 +59,7 @@ def main(argv):
     y = cset.labels.astype(np.int32)
     test_x = data_lib.normalize(real.test_images, real.mean, real.std).numpy()
     test_y = real.test_labels.astype(np.int32)
-    sub = stratified_subset(test_y, FLAGS.test_subset)
+    sub = data_lib.stratified_subset(test_y, FLAGS.test_subset)
     overrides = {k: getattr(FLAGS, k) for k in ("lr", "batch_size") if getattr(FLAGS, k) is not None}
     config = evaluate.protocol_config(FLAGS.protocol, FLAGS.arch, FLAGS.epochs, FLAGS.dsa, **overrides)
     run = evaluate._Run(config, x.shape[1:], real.num_classes)
