@@ -291,6 +291,5 @@ def test_learning_curve_tool_reports_fit_and_transfer_at_each_checkpoint(sets, t
     result = json.loads(output.read_text())
     assert [p["epoch"] for p in result["curve"]] == [2, 4]
     for p in result["curve"]:
-        assert np.isfinite(p["loss"]) and all(0 <= p[k] <= 100 for k in
-                                               ("train_acc", "test_acc", "test_acc_batch_stats"))
+        assert all(0 <= p[k] <= 100 for k in ("train_acc", "test_acc", "test_acc_batch_stats"))
     assert 0 <= result["final_test_acc"] <= 100 and "test subset 100 of 2000" in out.stdout

@@ -4,7 +4,7 @@ r"""Learning curve of one network on a condensed set: is it not learning, or not
         --arch=efficientnetv2s --epochs=1000 --every=100 --output=runs/bench/curve.json
 
 Trains `--arch` on the set exactly as `esp_tf.evaluate` does (same protocol, lr schedule, DSA,
-momentum SGD; one seed) and every `--every` epochs prints the training loss, the accuracy on
+momentum SGD; one seed; its training loop) and every `--every` epochs prints the accuracy on
 the condensed set itself and the accuracy on a class-stratified subset of the real test split
 (`--test_subset` images), both with BatchNorm in inference mode, plus the test-subset
 accuracy with batch statistics (BatchNorm in training mode). At the end it scores the whole
@@ -27,7 +27,7 @@ from absl import app, flags
 flags.DEFINE_string("condensed", None, "Condensed set (as esp_tf.evaluate --condensed).")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir of TFDS names and of the source dataset.")
 flags.DEFINE_string("arch", "convnet3", "Architecture (models.ARCHS).")
-flags.DEFINE_enum("protocol", "standard", ["standard", "idc"], "Evaluation protocol.")
+flags.DEFINE_enum("protocol", "standard", ["standard", "idc"], "Evaluation protocol (evaluate.PROTOCOLS).")
 flags.DEFINE_integer("epochs", 1000, "Training epochs (the lr schedule is that of this length).")
 flags.DEFINE_integer("every", 100, "Report every this many epochs.")
 flags.DEFINE_float("lr", None, "Initial SGD lr (default: the protocol's).")
@@ -63,42 +63,39 @@ def main(argv):
     overrides = {k: getattr(FLAGS, k) for k in ("lr", "batch_size") if getattr(FLAGS, k) is not None}
     config = evaluate.protocol_config(FLAGS.protocol, FLAGS.arch, FLAGS.epochs, FLAGS.dsa, **overrides)
     run = evaluate._Run(config, x.shape[1:], real.num_classes)
-    run.reset(FLAGS.seed)
     batch_stats = tf.function(lambda a: tf.argmax(run.model(a, training=True), -1, output_type=tf.int32))
 
     def accuracy(images, labels, training_bn=False):
         hits = 0
-        for i in range(0, len(labels), 500):
-            a, b = tf.constant(images[i:i + 500]), tf.constant(labels[i:i + 500])
+        for i in range(0, len(labels), config.test_batch):
+            a, b = tf.constant(images[i:i + config.test_batch]), tf.constant(labels[i:i + config.test_batch])
             hits += int(tf.reduce_sum(tf.cast(tf.equal(batch_stats(a), b), tf.int32)) if training_bn
                         else run.count_correct(a, b))
         return round(100.0 * hits / len(labels), 2)
 
-    batches = evaluate._array_epochs(x, y, config.batch_size, FLAGS.seed)
+    curve, t0 = [], time.time()
+
+    def report(epoch):                  # after each epoch of evaluate's own training loop
+        if epoch % FLAGS.every and epoch != FLAGS.epochs:
+            return
+        point = dict(epoch=epoch, train_acc=accuracy(x, y), test_acc=accuracy(test_x[sub], test_y[sub]),
+                     test_acc_batch_stats=accuracy(test_x[sub], test_y[sub], True),
+                     seconds=round(time.time() - t0))
+        curve.append(point)
+        print(json.dumps(point), flush=True)
+
     print(f"{FLAGS.arch} on {FLAGS.condensed} ({len(y)} images), {FLAGS.protocol} protocol, "
           f"lr {config.lr}, {FLAGS.epochs} epochs; test subset {len(sub)} of {len(test_y)}", flush=True)
-    curve, step, t0 = [], 0, time.time()
-    for epoch in range(FLAGS.epochs):
-        lr = tf.constant(evaluate.learning_rate(config, epoch), tf.float32)
-        for xb, yb in batches(epoch):
-            loss = run.train_step(xb, yb, lr, tf.constant([FLAGS.seed, step], tf.int64))
-            step += 1
-        if (epoch + 1) % FLAGS.every == 0 or epoch + 1 == FLAGS.epochs:
-            if not np.isfinite(float(loss)):
-                sys.exit(f"error: training loss is {float(loss)} at epoch {epoch + 1}")
-            point = dict(epoch=epoch + 1, step=step, loss=round(float(loss), 4),
-                         train_acc=accuracy(x, y), test_acc=accuracy(test_x[sub], test_y[sub]),
-                         test_acc_batch_stats=accuracy(test_x[sub], test_y[sub], True),
-                         seconds=round(time.time() - t0))
-            curve.append(point)
-            print(json.dumps(point), flush=True)
+    try:
+        final = evaluate.train_and_test(run, evaluate._array_epochs(x, y, config.batch_size, FLAGS.seed),
+                                        (test_x, test_y), FLAGS.seed, on_epoch=report)
+    except FloatingPointError as e:
+        sys.exit(f"error: {e}")
     result = dict(arch=FLAGS.arch, condensed=FLAGS.condensed, protocol=FLAGS.protocol, lr=config.lr,
-                  epochs=FLAGS.epochs, seed=FLAGS.seed, curve=curve,
-                  final_test_acc=accuracy(test_x, test_y))
+                  epochs=FLAGS.epochs, seed=FLAGS.seed, curve=curve, final_test_acc=round(100.0 * final, 2))
     print(f"final accuracy on the whole test split: {result['final_test_acc']}%", flush=True)
     if FLAGS.output:
         wd.write_json(FLAGS.output, result)
-
 
 if __name__ == "__main__":
     app.run(main)
