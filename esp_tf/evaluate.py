@@ -196,14 +196,22 @@ def train_and_test(run: _Run, batches, test, seed: int, on_epoch=None) -> float:
             on_epoch(epoch + 1)
     if loss is None or not np.isfinite(float(loss)):
         raise FloatingPointError(f"evaluation run seed {seed}: training loss is {loss}")
+    return accuracy_on(run, test)
+
+
+def accuracy_on(run: _Run, test, predict=None) -> float:
+    """Fraction of `test` ((images, labels) arrays or a tf.data.Dataset of batches) that run's
+    network classifies right, with BatchNorm in inference mode, or by `predict(x) -> labels`."""
     if isinstance(test, tf.data.Dataset):
         pairs = iter(test)
     else:
-        pairs = ((test[0][i:i + cfg.test_batch], test[1][i:i + cfg.test_batch])
-                 for i in range(0, len(test[1]), cfg.test_batch))
+        step = run.config.test_batch
+        pairs = ((test[0][i:i + step], test[1][i:i + step]) for i in range(0, len(test[1]), step))
     hits = total = 0
     for x, y in pairs:
-        hits += int(run.count_correct(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y, tf.int32)))
+        x, y = tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y, tf.int32)
+        hits += int(run.count_correct(x, y) if predict is None
+                    else tf.reduce_sum(tf.cast(tf.equal(predict(x), y), tf.int32)))
         total += int(len(y))
     return hits / total
 

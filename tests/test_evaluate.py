@@ -293,3 +293,6 @@ def test_learning_curve_tool_reports_fit_and_transfer_at_each_checkpoint(sets, t
     for p in result["curve"]:
         assert all(0 <= p[k] <= 100 for k in ("train_acc", "test_acc", "test_acc_batch_stats"))
     assert 0 <= result["final_test_acc"] <= 100 and "test subset 100 of 2000" in out.stdout
+    bad = subprocess.run([sys.executable, "tools/learning_curve.py", f"--condensed={tmp_path / 'nothing'}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "error:" in bad.stderr and "Traceback" not in bad.stderr

@@ -5,9 +5,10 @@ r"""Runs several condensation variants on one flagfile (sharing its experts) and
 
 Variants are names from VARIANTS or ad-hoc `--variant=name:<flags>` (repeatable), e.g.
 `--variant="dm300:--method=dm --iterations=300"`. Each variant is
-`python -m esp_tf.train --flagfile=<base> --workdir=<out>/<variant> <overrides>`, run one after another; finished variants are not rerun (the CLI resumes). The
-last output is a Markdown table: variant, method, accuracy mean +- std over the evaluation
-seeds, and the baselines of the first variant (random, herding).
+`python -m esp_tf.train --flagfile=<base> --workdir=<out>/<variant> <overrides>`, run one after
+another; finished variants are not rerun (the CLI resumes). The last output is a Markdown
+table: variant, method, accuracy mean +- std over the evaluation seeds, and the baselines of
+the first variant (random, herding).
 """
 from __future__ import annotations
 

@@ -66,12 +66,8 @@ def main(argv):
     batch_stats = tf.function(lambda a: tf.argmax(run.model(a, training=True), -1, output_type=tf.int32))
 
     def accuracy(images, labels, training_bn=False):
-        hits = 0
-        for i in range(0, len(labels), config.test_batch):
-            a, b = tf.constant(images[i:i + config.test_batch]), tf.constant(labels[i:i + config.test_batch])
-            hits += int(tf.reduce_sum(tf.cast(tf.equal(batch_stats(a), b), tf.int32)) if training_bn
-                        else run.count_correct(a, b))
-        return round(100.0 * hits / len(labels), 2)
+        predict = batch_stats if training_bn else None
+        return round(100.0 * evaluate.accuracy_on(run, (images, labels), predict), 2)
 
     curve, t0 = [], time.time()
 
