@@ -22,6 +22,10 @@ flags.DEFINE_integer("width", 128, "ConvNet width (128 in the field's ConvNet-3)
 flags.DEFINE_integer("depth", 3, "ConvNet depth (3 in the field's ConvNet-3).")
 flags.DEFINE_list("phases", list(PHASES), "Phases to run, in this order: " + ",".join(PHASES))
 flags.DEFINE_integer("seed", 0, "Run seed; every random draw derives from it.")
+flags.DEFINE_integer("val_per_class", 0, "Hold out this many training images per class as a "
+                     "validation split (class-balanced, fixed seed): experts and condensation never "
+                     "see them, and evaluation scores them beside the test split. Choose "
+                     "hyper-parameters on it, never on the test split. 0: no validation split.")
 
 # -- experts (MTT's buffer recipe) -------------------------------------------------------
 flags.DEFINE_integer("num_experts", 100, "Expert trajectories to train (MTT 100, ESP paper 1000).")
@@ -95,6 +99,8 @@ def validate():
                  "latent_downsample"):
         if getattr(FLAGS, name) < 1:
             errors.append(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+    if FLAGS.val_per_class < 0:
+        errors.append(f"--val_per_class must be >= 0, got {FLAGS.val_per_class}")
     if FLAGS.max_start_epoch < 0:
         errors.append("--max_start_epoch must be >= 0")
     if FLAGS.max_start_epoch + FLAGS.segment_length > FLAGS.expert_epochs:

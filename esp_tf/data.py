@@ -16,6 +16,9 @@ import tensorflow as tf
 from absl import logging
 
 EMBEDDED_DATASETS = ("fashion_mnist_mini",)
+# The validation split is drawn with this fixed seed, not the run's --seed: runs with different
+# seeds (and the experts they share) then hold out the same images.
+VAL_SEED = 0
 
 # Per-channel (mean, std) in [0, 1] pixel units; other datasets get statistics of their train set.
 _MNIST = ((0.1307,), (0.3081,))
@@ -47,6 +50,10 @@ class RealData:
     class_names: tuple
     mean: np.ndarray  # float32 [C], [0, 1] pixel units
     std: np.ndarray  # float32 [C]
+    # A class-balanced validation split carved out of the training data (see `load`); empty
+    # unless asked for. Train arrays then exclude it, so experts and condensation never see it.
+    val_images: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 1, 1, 1), np.uint8))
+    val_labels: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int32))
 
     @property
     def image_shape(self) -> tuple:
@@ -55,6 +62,18 @@ class RealData:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def val_per_class(self) -> int:
+        return len(self.val_labels) // max(1, self.num_classes)
+
+    @property
+    def train_identity(self) -> str:
+        """What the train arrays are: the dataset name, plus the held-out validation split if any
+        (experts trained on one are not interchangeable with experts trained on the other)."""
+        if not len(self.val_labels):
+            return self.name
+        return f"{self.name} minus val {self.val_per_class}/class (seed {VAL_SEED})"
 
     @property
     def train_counts(self) -> np.ndarray:
@@ -181,18 +200,40 @@ def _channel_stats(images: np.ndarray):
     return mean.astype(np.float32), np.sqrt(np.maximum(total[1] / n - mean**2, 0)).astype(np.float32)
 
 
+def split_validation(images, labels, per_class: int, seed: int = VAL_SEED):
+    """Class-sorted (train, val) arrays: `per_class` random images of every class go to val.
+
+    Both outputs stay stably sorted by class; the draw depends only on `seed` and the input.
+    """
+    counts = np.bincount(labels)
+    if per_class >= counts.min():
+        raise ValueError(f"val_per_class={per_class} leaves no training images in the smallest "
+                         f"class ({counts.min()} images); use fewer")
+    rng = np.random.default_rng(seed)
+    is_val = np.zeros(len(labels), bool)
+    for c in range(len(counts)):
+        members = np.flatnonzero(labels == c)
+        is_val[rng.choice(members, per_class, replace=False)] = True
+    return (images[~is_val], labels[~is_val]), (images[is_val], labels[is_val])
+
+
 def load(name: str, data_dir: str | None = None, *, max_train_per_class: int | None = None,
-         max_test_per_class: int | None = None) -> RealData:
+         max_test_per_class: int | None = None, val_per_class: int = 0) -> RealData:
     """Load a TFDS image-classification dataset fully into memory, never using the network.
 
     ``name`` may carry TFDS config/version syntax (``'cifar10:3.0.2'``). ``max_*_per_class``
-    keep the first examples of each class in TFDS stored order. Raises DatasetNotFoundError
+    keep the first examples of each class in TFDS stored order. ``val_per_class`` > 0 carves a
+    class-balanced validation split (seeded by VAL_SEED) out of those training images: the
+    returned train arrays exclude it, and hyper-parameters are chosen on it, never on test.
+    Raises DatasetNotFoundError
     when a non-embedded dataset is not prepared under ``data_dir`` (default: TFDS default).
     """
     for arg, value in (("max_train_per_class", max_train_per_class),
                        ("max_test_per_class", max_test_per_class)):
         if value is not None and value < 1:
             raise ValueError(f"{arg} must be None or >= 1, got {value}")
+    if val_per_class < 0:
+        raise ValueError(f"val_per_class must be >= 0, got {val_per_class}")
     base, _ = _split_name(name)
     embedded = base.split("/")[0] in EMBEDDED_DATASETS
     data_dir = os.fspath(data_dir) if data_dir is not None else _default_data_dir()
@@ -222,10 +263,14 @@ def load(name: str, data_dir: str | None = None, *, max_train_per_class: int | N
                          f"{train_images.shape[-1]}")
     train_images, train_labels = _first_per_class(train_images, train_labels, max_train_per_class)
     test_images, test_labels = _first_per_class(test_images, test_labels, max_test_per_class)
+    val = {}
+    if val_per_class:
+        (train_images, train_labels), (val["val_images"], val["val_labels"]) = split_validation(
+            train_images, train_labels, val_per_class)
     data = RealData(name, train_images, train_labels, test_images, test_labels,
-                    tuple(str(n) for n in names), mean, std)
-    logging.info("loaded %s from %s: train %d, test %d (%s), %d classes, images %s",
-                 name, builder.data_dir, len(train_labels), len(test_labels), test_split,
+                    tuple(str(n) for n in names), mean, std, **val)
+    logging.info("loaded %s from %s: train %d, val %d, test %d (%s), %d classes, images %s",
+                 name, builder.data_dir, len(train_labels), len(data.val_labels), len(test_labels), test_split,
                  data.num_classes, data.image_shape)
     return data
 
@@ -336,6 +381,11 @@ def train_dataset(data: RealData, batch_size: int, seed: int) -> tf.data.Dataset
 def test_dataset(data: RealData, batch_size: int = 500) -> tf.data.Dataset:
     """The test split as normalised batches, in order (no shuffling)."""
     return _batches(data.test_images, data.test_labels, batch_size, data)
+
+
+def val_dataset(data: RealData, batch_size: int = 500) -> tf.data.Dataset | None:
+    """The held-out validation split as normalised batches, or None when there is none."""
+    return _batches(data.val_images, data.val_labels, batch_size, data) if len(data.val_labels) else None
 
 
 def _batches(images, labels, batch_size, data):

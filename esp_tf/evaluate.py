@@ -216,36 +216,47 @@ def accuracy_on(run: _Run, test, predict=None) -> float:
     return hits / total
 
 
+def _summary(accs, prefix=""):
+    return {f"{prefix}accuracies": [round(a, 2) for a in accs],
+            f"{prefix}mean": round(float(np.mean(accs)), 2), f"{prefix}std": round(float(np.std(accs)), 2)}
+
+
 def _repeat(run: _Run, batches_for_seed, test, runs: int, seed: int, progress, on_epoch,
-            on_run=None) -> dict:
-    """`runs` trainings of one compiled network from seeds seed..seed+runs-1; accuracies in %."""
+            on_run=None, val=None) -> dict:
+    """`runs` trainings of one compiled network from seeds seed..seed+runs-1; accuracies in %.
+
+    With `val` (a held-out validation split, same forms as `test`), each trained network is
+    scored on it too, and the result gains val_accuracies / val_mean / val_std: the numbers
+    hyper-parameters are chosen by."""
     if runs < 1:
         raise ValueError("runs must be >= 1")
-    accs = []
+    accs, val_accs = [], []
     for i in range(runs):
         t0 = time.time()
         tick = (lambda e, i=i: on_epoch(i, e)) if on_epoch else None
         accs.append(100.0 * train_and_test(run, batches_for_seed(seed + i), test, seed + i, tick))
+        if val is not None:
+            val_accs.append(100.0 * accuracy_on(run, val))
         if on_run:                  # e.g. export the trained network before the next run resets it
             on_run(i, run.model, accs[-1])
         if progress:
             progress(i, runs, accs[-1], time.time() - t0)
-    return {"accuracies": [round(a, 2) for a in accs], "mean": round(float(np.mean(accs)), 2),
-            "std": round(float(np.std(accs)), 2)}
+    return {**_summary(accs), **(_summary(val_accs, "val_") if val_accs else {})}
 
 
 def evaluate(images: np.ndarray, labels: np.ndarray, test_images, test_labels, num_classes: int,
              config: EvalConfig, runs: int = 5, seed: int = 0, progress=None, on_epoch=None,
-             on_run=None) -> dict:
+             on_run=None, val=None) -> dict:
     """Trains `runs` fresh networks (seeds seed..seed+runs-1) on a condensed set; returns
     accuracies, mean and std (%). `test_images` may be a tf.data.Dataset of normalised
     (x, y) batches (then `test_labels` is ignored). `progress(i, runs, acc, seconds)` is called
     after each run, `on_epoch(i, epochs_done)` after each epoch, `on_run(i, model, acc)` with
-    the trained Keras model after each run."""
+    the trained Keras model after each run. `val`: a validation split ((images, labels) or a
+    dataset of batches) scored beside the test split (see `_repeat`)."""
     run = _Run(config, images.shape[1:], num_classes)
     test = test_images if isinstance(test_images, tf.data.Dataset) else (test_images, test_labels)
     return _repeat(run, lambda s: _array_epochs(images, labels, config.batch_size, s), test,
-                   runs, seed, progress, on_epoch, on_run)
+                   runs, seed, progress, on_epoch, on_run, val=val)
 
 
 def evaluate_full(real, config: EvalConfig, runs: int = 5, seed: int = 0, progress=None,
@@ -267,7 +278,7 @@ def evaluate_full(real, config: EvalConfig, runs: int = 5, seed: int = 0, progre
         return batches
     run = _Run(config, real.image_shape, real.num_classes)
     return _repeat(run, batches_for_seed, data_lib.test_dataset(real, config.test_batch),
-                   runs, seed, progress, on_epoch)
+                   runs, seed, progress, on_epoch, val=data_lib.val_dataset(real, config.test_batch))
 
 
 # =====================================================================================

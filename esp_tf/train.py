@@ -66,8 +66,14 @@ def _setup():
     import tensorflow as tf
     from esp_tf import data as data_lib, models
     tf.config.set_soft_device_placement(True)
-    real = data_lib.load(FLAGS.dataset, FLAGS.data_dir)
-    wd.say(f"data: {real.name} train {len(real.train_labels)} / test {len(real.test_labels)} images, "
+    try:
+        real = data_lib.load(FLAGS.dataset, FLAGS.data_dir, val_per_class=FLAGS.val_per_class)
+    except ValueError as e:
+        if FLAGS.val_per_class and "val_per_class" in str(e):
+            raise wd.UserError(f"--{e}") from e
+        raise
+    val = f" / val {len(real.val_labels)}" if len(real.val_labels) else ""
+    wd.say(f"data: {real.name} train {len(real.train_labels)}{val} / test {len(real.test_labels)} images, "
            f"{real.num_classes} classes, shape {real.image_shape}")
     model = models.build(FLAGS.model, real.image_shape, real.num_classes,
                          width=FLAGS.width, depth=FLAGS.depth)
@@ -82,7 +88,8 @@ def phase_experts(real, net):
     from esp_tf.trajectories import TrajectoryStore
     config = cli.expert_config()
     store = TrajectoryStore(cli.experts_dir())
-    meta = experts.expert_meta(net, FLAGS.model, cli.model_config(), real.name, real.num_classes, config)
+    meta = experts.expert_meta(net, FLAGS.model, cli.model_config(), real.train_identity, real.num_classes,
+                               config)
     finished = [k for k in store.completed() if k < FLAGS.num_experts] if os.path.isdir(store.directory) else []
     bar = wd.Progress("experts", FLAGS.num_experts, done=len(finished))
 
@@ -147,6 +154,7 @@ def phase_evaluate(real, net, store, images, labels):
     from esp_tf import data as data_lib, evaluate, saved_models
     config = cli.eval_config()
     test_x = data_lib.normalize(real.test_images, real.mean, real.std).numpy()
+    val = data_lib.val_dataset(real)
     results = wd.read_json(path("eval.json")) or {}
     sets = {FLAGS.method: (images, labels), **_baseline_sets(real, net, store)}
     for method, (x, y) in sets.items():
@@ -162,7 +170,7 @@ def phase_evaluate(real, net, store, images, labels):
                        f"(seed {FLAGS.seed}, test accuracy {acc:.2f}%, signature 'serve' takes uint8)")
 
         res = evaluate.evaluate(np.asarray(x), np.asarray(y), test_x, real.test_labels, real.num_classes,
-                                config, runs=FLAGS.eval_runs, seed=FLAGS.seed, on_run=export_first,
+                                config, runs=FLAGS.eval_runs, seed=FLAGS.seed, on_run=export_first, val=val,
                                 progress=lambda i, n, acc, s: bar.update(i + 1, f"run {i}: {acc:.2f}%"))
         results.setdefault(method, {})[config.arch] = res
         wd.write_json(path("eval.json"), results)

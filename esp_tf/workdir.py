@@ -107,15 +107,22 @@ class Progress:
 ARCH_ORDER = ("convnet3", "resnet10", "densenet121", "efficientnetv2s")  # the paper's column order
 
 
+def _cell(res: dict) -> str:
+    """'test mean +- std', plus the validation split's when the run held one out."""
+    text = f"{res['mean']:.2f} +- {res['std']:.2f}"
+    return text + (f" (val {res['val_mean']:.2f} +- {res['val_std']:.2f})" if "val_mean" in res else "")
+
+
 def results_table(results: dict) -> str:
     """Markdown table like the paper's Table 2: rows = methods (full dataset last), columns =
-    architectures (ConvNet-3, ResNet-10, DenseNet-121, EfficientNetV2-S first), mean +- std (%)."""
+    architectures (ConvNet-3, ResNet-10, DenseNet-121, EfficientNetV2-S first), test mean +- std (%),
+    and the validation split's beside it when there is one."""
     archs = sorted({a for per in results.values() for a in per},
                    key=lambda a: (ARCH_ORDER.index(a) if a in ARCH_ORDER else len(ARCH_ORDER), a))
     lines = ["| method | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
     for method in sorted(results, key=lambda m: m.startswith("full")):
         per = results[method]
-        cells = [f"{per[a]['mean']:.2f} +- {per[a]['std']:.2f}" if a in per else "-" for a in archs]
+        cells = [_cell(per[a]) if a in per else "-" for a in archs]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

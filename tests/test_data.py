@@ -287,3 +287,19 @@ def test_pixel_range_is_0_and_255_normalised_and_rounding_is_not_counted_as_outs
     step = 1.0 / 255.0 / 0.25                                    # one gray level, normalised
     assert data.fraction_outside_pixel_range(np.array([2.0 + 0.4 * step, -2.0 - 0.4 * step]), real) == 0
     assert data.fraction_outside_pixel_range(np.array([2.0 + step, 0.0, -2.0 - step, 1.0]), real) == 0.5
+
+
+def test_validation_split_is_class_balanced_disjoint_from_train_and_fixed(mini, mini_dir):
+    held = data.load("fashion_mnist_mini", mini_dir, val_per_class=7)
+    assert np.array_equal(np.bincount(held.val_labels), np.full(10, 7))
+    assert len(held.train_labels) + len(held.val_labels) == len(mini.train_labels)
+    assert np.all(np.diff(held.train_labels) >= 0) and np.all(np.diff(held.val_labels) >= 0)
+    # every image ends up in exactly one of the two splits (as multisets of raw bytes)
+    as_rows = lambda x: sorted(map(bytes, x.reshape(len(x), -1)))
+    assert as_rows(np.concatenate([held.train_images, held.val_images])) == as_rows(mini.train_images)
+    again = data.load("fashion_mnist_mini", mini_dir, val_per_class=7)
+    assert np.array_equal(again.val_images, held.val_images)       # fixed seed: same split each time
+    assert held.train_identity != mini.train_identity == "fashion_mnist_mini"
+    assert len(mini.val_labels) == 0 and data.val_dataset(mini) is None
+    with pytest.raises(ValueError, match="val_per_class"):
+        data.load("fashion_mnist_mini", mini_dir, val_per_class=300)  # 300 per class: none left
