@@ -200,7 +200,7 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
                 for name, value in row.items():
                     if name not in ("iteration", "updates", "time", "expert", "start_epoch"):
                         tf.summary.scalar(f"condense/{name}", value)
-            shown = [f"{k} {row[k]:.4g}" for k in ("loss", "dm", "proj", "ce", "syn_lr") if k in row]
+            shown = [f"{k} {row[k]:.4g}" for k in ("loss", "dm", "proj", "pull", "ce", "syn_lr") if k in row]
             bar.update(done, " ".join(shown))
             sums, count, t_log = {}, 0, time.time()
         if done % s.ckpt_every == 0 or done == s.iterations:

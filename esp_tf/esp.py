@@ -24,6 +24,13 @@ from esp_tf import augment, subspace
 from esp_tf.models import FlatModel
 
 LOSSES = ("proj", "dm")
+# How L_DM reduces the per-class squared distances of mean embeddings [C, D]:
+#   sum          over classes and features (DM's reference code);
+#   class_mean   mean over classes of the squared L2 norm (eq. 8 as the paper writes it);
+#   element_mean mean over classes and features (the usual MSE reduction).
+# The paper's beta = 1e-5 balances L_DM against L_proj only under some unstated convention,
+# so the convention is a setting and every run logs the measured pull ratio (`pull`).
+DM_REDUCTIONS = ("sum", "class_mean", "element_mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +42,11 @@ class ESPConfig:
     dsa: augment.DSAConfig | None = augment.DSAConfig()   # None disables augmentation
     batch_syn: int | None = None     # None: every synthetic image each update (the paper's point);
     #                                  k: a random class-balanced slice of k images (Figure 8 study)
+    dm_reduction: str = "sum"        # see DM_REDUCTIONS
 
     def __post_init__(self):
+        if self.dm_reduction not in DM_REDUCTIONS:
+            raise ValueError(f"dm_reduction must be one of {DM_REDUCTIONS}, got {self.dm_reduction!r}")
         if self.batch_syn is not None and self.batch_syn < 1:
             raise ValueError(f"batch_syn must be None or >= 1, got {self.batch_syn}")
         bad = [l for l in self.losses if l not in LOSSES]
@@ -55,11 +65,20 @@ def class_balanced_slice(x, y, num_classes: int, per_class: int, seed):
     return tf.gather(x, index), tf.gather(y, index)
 
 
-def dm_loss(real_means: tf.Tensor, syn_features: tf.Tensor, syn_labels: tf.Tensor) -> tf.Tensor:
-    """Sum over classes of ||mean real embedding - mean synthetic embedding||^2 (DM; eq. 8 up to 1/C)."""
+def dm_loss(real_means: tf.Tensor, syn_features: tf.Tensor, syn_labels: tf.Tensor,
+            reduction: str = "sum") -> tf.Tensor:
+    """||mean real embedding - mean synthetic embedding||^2 per class, reduced over classes and
+    features by `reduction` (DM_REDUCTIONS; "sum" is DM's code, "class_mean" eq. 8)."""
     num_classes = tf.shape(real_means)[0]
     syn_means = tf.math.unsorted_segment_mean(syn_features, syn_labels, num_classes)  # [C, D]
-    return tf.reduce_sum(tf.square(real_means - syn_means))
+    squared = tf.square(real_means - syn_means)                                       # [C, D]
+    if reduction == "class_mean":
+        return tf.reduce_sum(squared) / tf.cast(num_classes, squared.dtype)
+    if reduction == "element_mean":
+        return tf.reduce_mean(squared)
+    if reduction != "sum":
+        raise ValueError(f"reduction must be one of {DM_REDUCTIONS}, got {reduction!r}")
+    return tf.reduce_sum(squared)
 
 
 # -- Siamese augmentation and DM pieces, shared with the baselines (DMStep, TMStep) ----------
@@ -117,7 +136,7 @@ def outer_loss(net: FlatModel, theta, basis, x_aug, y_syn, real_means, config: E
     g_in = subspace.project(basis, g)                                   # [P]  eq. 5
     proj = tf.reduce_sum(tf.abs(g - g_in))                              #      eq. 7
     zero = tf.zeros([], theta.dtype)
-    match = dm_loss(real_means, feats, y_syn) if "dm" in config.losses else zero   # eq. 8
+    match = dm_loss(real_means, feats, y_syn, config.dm_reduction) if "dm" in config.losses else zero  # eq. 8
     loss = zero
     if "dm" in config.losses:
         loss += match
@@ -128,6 +147,11 @@ def outer_loss(net: FlatModel, theta, basis, x_aug, y_syn, real_means, config: E
     g_norm = tf.norm(g)
     return loss, {"dm": match, "proj": proj, "ce": ce, "syn_acc": acc, "grad_norm": g_norm,
                   "in_subspace": tf.norm(g_in) / (g_norm + 1e-12), "g_in": g_in}
+
+
+def _dense(grads, variables):
+    """Gradients with None (a variable the loss does not reach) replaced by zeros."""
+    return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
 
 
 class ESPStep:
@@ -171,14 +195,26 @@ class ESPStep:
                                           cfg.real_per_class, num_classes, params)
 
         variables = [v for name in sorted(self.groups) for v in self.groups[name]]
-        with tf.GradientTape() as outer:
+        both = len(cfg.losses) == 2
+        with tf.GradientTape(persistent=both) as outer:
             x_syn, y_syn = self.synthetic.render()
             if cfg.batch_syn is not None:      # sliced-batch variant: a biased, cheaper gradient
                 slice_seed = tf.random.experimental.stateless_fold_in(seed, 7)
                 x_syn, y_syn = class_balanced_slice(x_syn, y_syn, num_classes, self._per_class, slice_seed)
             x_aug = augment_by_class(x_syn, y_syn, params)
             loss, aux = outer_loss(self.net, theta, basis, x_aug, y_syn, real_means, cfg)
-        grads = outer.gradient(loss, variables)
+            weighted_proj = cfg.beta * aux["proj"]
+        if both:
+            # The two terms' gradients separately (their sum is the update): the only extra cost
+            # is a second first-order backward through the DM features. pull = how hard beta *
+            # L_proj pulls on the synthetic variables against L_DM (1: equally).
+            g_dm = _dense(outer.gradient(aux["dm"], variables), variables)
+            g_proj = _dense(outer.gradient(weighted_proj, variables), variables)
+            del outer
+            grads = [a + b for a, b in zip(g_dm, g_proj)]
+            aux["pull"] = tf.linalg.global_norm(g_proj) / (tf.linalg.global_norm(g_dm) + 1e-30)
+        else:
+            grads = outer.gradient(loss, variables)
         apply_grads(self.optimizers, self.groups, grads)
         theta_next = theta - cfg.inner_lr * tf.stop_gradient(aux.pop("g_in"))   # eq. 6
         return theta_next, {"loss": loss, **aux}

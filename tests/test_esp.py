@@ -152,3 +152,37 @@ def test_esp_step_compiles_with_xla():
     theta = net.init([0, 0])
     theta_next, metrics = step(theta, _basis_at(net, theta), [0, 0])
     assert np.isfinite(float(metrics["loss"])) and theta_next.shape == theta.shape
+
+
+def test_dm_reductions_differ_by_the_class_and_feature_counts():
+    net, theta, basis, x, y, real_means = _float64_problem()
+    feats = net.features(theta, x)
+    total = float(esp.dm_loss(real_means, feats, y, "sum"))
+    np.testing.assert_allclose(float(esp.dm_loss(real_means, feats, y, "class_mean")), total / C, rtol=1e-12)
+    np.testing.assert_allclose(float(esp.dm_loss(real_means, feats, y, "element_mean")),
+                               total / (C * real_means.shape[1]), rtol=1e-12)
+    with pytest.raises(ValueError, match="dm_reduction"):
+        esp.ESPConfig(dm_reduction="max")
+
+
+def _pull_after_one_step(**cfg):
+    net, syn, step = _step(esp.ESPConfig(real_per_class=2, dsa=None, **cfg))
+    theta = net.init([0, 1])
+    _, metrics = step(theta, _basis_at(net, theta), [3, 4])
+    return float(metrics["pull"]), syn.images.numpy()
+
+
+def test_pull_ratio_scales_with_beta_and_the_dm_reduction_and_the_update_is_the_sum():
+    pull, pixels = _pull_after_one_step(beta=1e-3)
+    assert np.isfinite(pull) and pull > 0
+    np.testing.assert_allclose(_pull_after_one_step(beta=2e-3)[0], 2 * pull, rtol=1e-4)
+    # class_mean divides L_DM (so its gradient) by C: the projection pulls C times harder
+    np.testing.assert_allclose(_pull_after_one_step(beta=1e-3, dm_reduction="class_mean")[0], C * pull,
+                               rtol=1e-4)
+    # beta -> 0: the step is the pure-DM step (the split gradients are summed, not replaced)
+    _, dm_only = _pull_after_one_step(beta=0.0)
+    net, syn, step = _step(esp.ESPConfig(real_per_class=2, dsa=None, losses=("dm",)))
+    theta = net.init([0, 1])
+    step(theta, _basis_at(net, theta), [3, 4])
+    np.testing.assert_allclose(dm_only, syn.images.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(pixels, dm_only)       # and beta > 0 does move them differently
