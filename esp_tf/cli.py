@@ -44,7 +44,8 @@ flags.DEFINE_enum("init", "real", ["real", "gaussian"], "Synthetic init: real im
 flags.DEFINE_integer("iterations", 1000, "Outer iterations; each picks a new expert segment.")
 flags.DEFINE_integer("inner_steps", 10, "N: projected student steps (= synthetic updates) per iteration.")
 flags.DEFINE_integer("segment_length", 2, "T: expert epochs spanned by one subspace (T+1 snapshots).")
-flags.DEFINE_integer("max_start_epoch", 20, "Segments start at an epoch drawn from 0..this.")
+flags.DEFINE_integer("max_start_epoch", 20, "Segments start at an epoch drawn from 0..this-1 (exclusive, "
+                     "as MTT's max_start_epoch); experts need this - 1 + --segment_length epochs.")
 flags.DEFINE_float("beta", 1e-5, "Weight of the projection loss (paper 4.2).")
 flags.DEFINE_float("inner_lr", 0.1, "Projected-SGD student learning rate (paper 4.2).")
 flags.DEFINE_list("losses", ["proj", "dm"], "Outer losses: proj, dm or both (paper Table 4).")
@@ -105,10 +106,10 @@ def validate():
             errors.append(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
     if FLAGS.val_per_class < 0:
         errors.append(f"--val_per_class must be >= 0, got {FLAGS.val_per_class}")
-    if FLAGS.max_start_epoch < 0:
-        errors.append("--max_start_epoch must be >= 0")
-    if FLAGS.max_start_epoch + FLAGS.segment_length > FLAGS.expert_epochs:
-        errors.append(f"--max_start_epoch ({FLAGS.max_start_epoch}) + --segment_length "
+    if FLAGS.max_start_epoch < 1:
+        errors.append("--max_start_epoch must be >= 1 (segments start at epochs 0..max_start_epoch-1)")
+    elif FLAGS.max_start_epoch - 1 + FLAGS.segment_length > FLAGS.expert_epochs:
+        errors.append(f"--max_start_epoch - 1 ({FLAGS.max_start_epoch - 1}) + --segment_length "
                       f"({FLAGS.segment_length}) exceeds --expert_epochs ({FLAGS.expert_epochs})")
     bad = [b for b in FLAGS.baselines if b not in ("random", "herding")]
     if bad:

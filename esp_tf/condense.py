@@ -39,7 +39,7 @@ class CondenseSettings:
     iterations: int = 1000
     inner_steps: int = 10
     segment_length: int = 2
-    max_start_epoch: int = 20
+    max_start_epoch: int = 20        # segments start at epoch t ~ U{0..max_start_epoch-1} (MTT)
     esp: ESPConfig = ESPConfig()
     dm: DMConfig = DMConfig()
     tm: TMConfig = TMConfig()
@@ -56,6 +56,13 @@ class CondenseSettings:
     ckpt_every: int = 50
     log_every: int = 10
     jit_compile: bool = False
+
+
+def snapshots_needed(max_start_epoch: int, segment_length: int) -> int:
+    """Snapshots per expert that segments can reach: starts 0..max_start_epoch-1 (exclusive, as
+    MTT) plus segment_length epochs, plus the init snapshot. Experts need train only
+    max_start_epoch - 1 + segment_length epochs."""
+    return max_start_epoch + segment_length
 
 
 def real_init(real: data_lib.RealData, s: CondenseSettings, per_class: int):
@@ -129,10 +136,10 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
     """
     if s.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {s.method!r}")
-    needed = s.max_start_epoch + s.segment_length + 1
+    needed = snapshots_needed(s.max_start_epoch, s.segment_length)
     if s.method != "dm" and trajectories.shape[1] < needed:
         raise wd.UserError(f"trajectories have {trajectories.shape[1]} snapshots; max_start_epoch + "
-                           f"segment_length + 1 = {needed} are needed")
+                           f"segment_length = {needed} are needed")
     syn = make_synthetic(real, s)
     budget = syn.budget()
     wd.write_json(os.path.join(s.workdir, "budget.json"), budget)

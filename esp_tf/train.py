@@ -121,7 +121,8 @@ def phase_condense(real, net, store, meta):
     from esp_tf import condense
     trajectories = None
     if FLAGS.method != "dm":      # DM draws a fresh random network per iteration instead
-        trajectories = store.load(meta, num_snapshots=FLAGS.max_start_epoch + FLAGS.segment_length + 1,
+        trajectories = store.load(meta, num_snapshots=condense.snapshots_needed(FLAGS.max_start_epoch,
+                                                                               FLAGS.segment_length),
                                   max_experts=FLAGS.num_experts)
         wd.say(f"condense: {trajectories.shape[0]} experts x {trajectories.shape[1]} snapshots x "
                f"{trajectories.shape[2]} params")

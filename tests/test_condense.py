@@ -20,7 +20,7 @@ def _settings(tmp_path, **kw):
     from esp_tf.baselines import DMConfig, TMConfig
     from esp_tf.esp import ESPConfig
     base = dict(workdir=str(tmp_path), ipc=2, iterations=2, inner_steps=2, segment_length=1,
-                max_start_epoch=1, esp=ESPConfig(real_per_class=3), dm=DMConfig(real_per_class=3),
+                max_start_epoch=2, esp=ESPConfig(real_per_class=3), dm=DMConfig(real_per_class=3),
                 tm=TMConfig(inner_steps=2), ckpt_every=1, log_every=1)
     base.update(kw)
     return condense.CondenseSettings(**base)

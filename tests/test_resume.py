@@ -9,7 +9,7 @@ import numpy as np
 
 from conftest import REPO
 
-FLAGS = ["--num_experts=1", "--expert_epochs=2", "--max_start_epoch=0", "--segment_length=2",
+FLAGS = ["--num_experts=1", "--expert_epochs=2", "--max_start_epoch=1", "--segment_length=2",
          "--iterations=150", "--inner_steps=2", "--real_per_class=4", "--width=8", "--depth=2",
          "--phases=experts,condense", "--ckpt_every=10", "--log_every=10"]
 

@@ -33,16 +33,16 @@ def test_residual_is_orthogonal_to_the_basis_and_completes_g():
     assert float(tf.norm(r)) > 0.9 * float(tf.norm(g))   # a random vector is mostly outside
 
 
-def test_select_segment_is_contiguous_seeded_and_in_range():
+def test_select_segment_is_contiguous_seeded_and_starts_below_max_start_as_mtt():
     k_, s_, p_ = 3, 10, 6
     trajs = tf.reshape(tf.range(k_ * s_ * p_, dtype=tf.float32), [k_, s_, p_])
     seen = set()
-    for i in range(40):
+    for i in range(120):
         seg, k, t = subspace.select_segment(trajs, [0, i], length=2, max_start=7)
         k, t = int(k), int(t)
-        assert 0 <= k < k_ and 0 <= t <= 7
+        assert 0 <= k < k_ and 0 <= t < 7        # MTT: randint(0, max_start_epoch), end excluded
         np.testing.assert_array_equal(seg.numpy(), trajs[k, t:t + 3].numpy())
         seen.add((k, t))
         again, k2, t2 = subspace.select_segment(trajs, [0, i], length=2, max_start=7)
         assert (int(k2), int(t2)) == (k, t)
-    assert len(seen) > 10
+    assert {t for _, t in seen} == set(range(7))

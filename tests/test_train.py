@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 
-TINY = ["--num_experts=2", "--expert_epochs=2", "--max_start_epoch=0", "--segment_length=2",
+TINY = ["--num_experts=2", "--expert_epochs=2", "--max_start_epoch=1", "--segment_length=2",
         "--iterations=4", "--inner_steps=2", "--real_per_class=4", "--eval_epochs=3",
         "--eval_runs=2", "--width=8", "--depth=2", "--log_every=2", "--baselines=random,herding",
         "--ckpt_every=2"]

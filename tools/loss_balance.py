@@ -44,7 +44,7 @@ def main(argv):
     rows = []
     for i in range(FLAGS.segments):
         k = int(rng.choice(store.completed()))
-        t = int(rng.integers(0, max_start + 1))
+        t = int(rng.integers(0, max_start))          # exclusive, as subspace.select_segment
         segment = tf.constant(store.read(k, t + length + 1)[t:])
         basis, theta = subspace.basis(segment), segment[0]
         xr, _ = sampler.sample(tf.constant([i, 99], tf.int64), FLAGS.real_per_class)
