@@ -73,7 +73,9 @@ flags.DEFINE_integer("ckpt_every", 50, "Checkpoint the synthetic set every this 
 flags.DEFINE_integer("log_every", 10, "Log metrics every this many iterations.")
 
 # -- evaluation (standard protocol) -----------------------------------------------------
-flags.DEFINE_string("eval_arch", "convnet3", "Architecture trained on the condensed set.")
+flags.DEFINE_string("eval_arch", None, "Architecture trained on the condensed set (models.ARCHS); "
+                    "default: the condensation network (--model/--depth), as the field evaluates "
+                    "ConvNet-3 sets on ConvNet-3 and Tiny ImageNet's ConvNet-4 sets on ConvNet-4.")
 flags.DEFINE_integer("eval_epochs", 1000, "Training epochs per evaluation run (lr x0.1 at half).")
 flags.DEFINE_integer("eval_runs", 5, "Evaluation runs (seeds); mean +- std reported.")
 flags.DEFINE_integer("eval_batch", 256, "Evaluation batch size.")
@@ -139,9 +141,16 @@ def expert_config():
                         dsa=_dsa(FLAGS.expert_dsa))
 
 
+def eval_arch() -> str:
+    """--eval_arch, else the condensation network: convnet<depth> for the ConvNet family."""
+    if FLAGS.eval_arch:
+        return FLAGS.eval_arch
+    return f"convnet{FLAGS.depth}" if FLAGS.model in ("convnet", "convnet3") else FLAGS.model
+
+
 def eval_config():
     from esp_tf.evaluate import EvalConfig
-    return EvalConfig(arch=FLAGS.eval_arch, epochs=FLAGS.eval_epochs, batch_size=FLAGS.eval_batch,
+    return EvalConfig(arch=eval_arch(), epochs=FLAGS.eval_epochs, batch_size=FLAGS.eval_batch,
                       lr=FLAGS.eval_lr, dsa=_dsa(FLAGS.eval_dsa))
 
 

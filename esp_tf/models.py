@@ -92,6 +92,7 @@ def convnet(input_shape, num_classes: int, *, width: int = 128, depth: int = 3,
 ARCHS: dict[str, Callable[..., keras.Model]] = {
     "convnet": convnet,
     "convnet3": lambda s, c, **kw: convnet(s, c, **{"depth": 3, **kw}),
+    "convnet4": lambda s, c, **kw: convnet(s, c, **{"depth": 4, **kw}),   # 64x64 inputs (Tiny ImageNet)
     "convnet_tiny": lambda s, c, **kw: convnet(s, c, **{"width": 8, "depth": 2, **kw}),
 }
 from esp_tf import archs as _archs  # noqa: E402  (ResNet-10, DenseNet-121, EfficientNetV2-S)

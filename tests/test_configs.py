@@ -24,3 +24,51 @@ def test_config_starts_with_its_command_and_parses_into_valid_flags(path):
         argv = flags.FLAGS.read_flags_from_files([f"--flagfile={path}"], force_gnu=True)
         flags.FLAGS(["esp_tf.train"] + argv, known_only=False)
         assert cli.validate() == []
+
+
+PAPER_SETTINGS = REPO / "configs" / "PAPER_SETTINGS.md"
+PAPER_CONFIGS = [p for p in CONFIGS if p.stem.split("_ipc")[0] in
+                 ("svhn", "cifar10", "cifar100", "tiny_imagenet", "fashion_mnist")]
+
+
+def _markdown_table(text: str, heading: str) -> list[dict]:
+    """Rows (header -> cell) of the first Markdown table after `heading`."""
+    lines = text.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    block = lines[start:end]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block]
+    return [dict(zip(cells[0], row)) for row in cells[2:]]
+
+
+def _expected_flags(name: str) -> dict:
+    text = PAPER_SETTINGS.read_text()
+    shared = {r["flag"]: r["value"] for r in _markdown_table(text, "## Values shared by every paper config")}
+    rows = {r["config"]: r for r in _markdown_table(text, "## Values per config")}
+    assert name in rows, f"{name}.flags has no row in {PAPER_SETTINGS.name}"
+    row = rows[name]
+    per = {k: row[k] for k in ("dataset", "ipc", "segment_length", "max_start_epoch", "inner_steps",
+                               "expert_epochs", "model", "depth")}
+    return {**shared, **per, "workdir": f"runs/{name}",
+            "experts_dir": f"runs/experts/{row['dataset']}_convnet{row['depth']}_e{row['expert_epochs']}"}
+
+
+def test_every_paper_dataset_has_the_ipcs_the_paper_reports():
+    names = {p.stem for p in PAPER_CONFIGS}
+    assert {"cifar10", "cifar10_ipc10", "cifar10_ipc50", "cifar100", "cifar100_ipc10", "svhn",
+            "svhn_ipc10", "svhn_ipc50", "tiny_imagenet", "tiny_imagenet_ipc10"} <= names
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.name)
+def test_paper_config_holds_exactly_the_values_of_the_settings_table(path):
+    from esp_tf import workdir
+    found = workdir.parse_flags_file(str(path))
+    expected = _expected_flags(path.stem)
+    assert found == expected, {k: (found.get(k), expected.get(k)) for k in set(found) | set(expected)
+                               if found.get(k) != expected.get(k)}
+    # experts train exactly the epochs segments reach (starts 0..max_start_epoch-1, as MTT)
+    assert int(found["expert_epochs"]) == int(found["max_start_epoch"]) - 1 + int(found["segment_length"])
+    with flagsaver.flagsaver():
+        flags.FLAGS(["esp_tf.train", f"--flagfile={path}"])
+        assert cli.eval_arch() == f"convnet{found['depth']}"     # evaluation follows the condensation net
+        assert cli.condense_settings().param == "latents"
