@@ -7,8 +7,9 @@ Variants are names from VARIANTS or ad-hoc `--variant=name:<flags>` (repeatable)
 `--variant="dm300:--method=dm --iterations=300"`. Each variant is
 `python -m esp_tf.train --flagfile=<base> --workdir=<out>/<variant> <overrides>`, run one after
 another; finished variants are not rerun (the CLI resumes). The last output is a Markdown
-table: variant, method, accuracy mean +- std over the evaluation seeds, and the baselines of
-the first variant (random, herding).
+table: variant, method, validation and test accuracy mean +- std over the evaluation seeds
+(validation where the flagfile holds out --val_per_class; choose on it, never on test), and
+the baselines of the first variant (random, herding).
 """
 from __future__ import annotations
 
@@ -64,14 +65,26 @@ def main(argv):
         if subprocess.run(cmd).returncode != 0:
             sys.exit(f"variant {name} failed")
         with open(os.path.join(work, "eval.json")) as f:
-            results = json.load(f)
-        for method, per_arch in results.items():
-            for arch, cell in per_arch.items():
-                label = name if method not in ("random", "herding") else method
-                rows.append((label, method, arch, cell["mean"], cell["std"], len(cell["accuracies"])))
-    print("\n| variant | method | arch | accuracy (%) | runs |\n|---|---|---|---|---|")
-    for label, method, arch, mean, std, n in rows:
-        print(f"| {label} | {method} | {arch} | {mean:.2f} +- {std:.2f} | {n} |")
+            rows += table_rows(name, json.load(f))
+    print("\n" + HEADER)
+    for row in rows:
+        print(row)
+
+
+# validation first: choices are made on it (--val_per_class); test is reported for the choice
+HEADER = "| variant | method | arch | validation (%) | test (%) | runs |\n|---|---|---|---|---|---|"
+
+
+def table_rows(variant: str, results: dict) -> list[str]:
+    """Markdown rows of one variant's eval.json (baselines keep their own name)."""
+    rows = []
+    for method, per_arch in results.items():
+        for arch, cell in per_arch.items():
+            label = variant if method not in ("random", "herding") else method
+            val = f"{cell['val_mean']:.2f} +- {cell['val_std']:.2f}" if "val_mean" in cell else "-"
+            rows.append(f"| {label} | {method} | {arch} | {val} | {cell['mean']:.2f} +- {cell['std']:.2f} "
+                        f"| {len(cell['accuracies'])} |")
+    return rows
 
 
 if __name__ == "__main__":
