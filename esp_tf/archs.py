@@ -6,7 +6,7 @@ returning logits, registered into `models.ARCHS` so that `models.build(name, sha
 builds them like ConvNet-3. All use BatchNorm, so they are stateful: they are trained through
 their Keras variables (evaluate.py), never through `models.FlatModel`.
 
-- `resnet10`: the CIFAR ResNet-10 of IDC (reference/anchors.md): 3x3 stem of 32 channels, no
+- `resnet10`: the CIFAR ResNet-10 of IDC's code: 3x3 stem of 32 channels, no
   max-pool, one basic block per stage, widths 32/64/128/256, global average pool, Dense.
   `resnet10_w64` is IDC's ResNet-10 for its non-CIFAR datasets (widths 64..512, same 3x3 stem):
   4.90 M trainable parameters, the number the ESP paper quotes for ResNet-10.
@@ -14,7 +14,8 @@ their Keras variables (evaluate.py), never through `models.FlatModel`.
   compression 0.5, 3x3 stem of 2*growth channels) that IDC trains. `densenet121_g32` is the same
   with growth 32 (pytorch-cifar's "DenseNet121"): 6.96 M, the number the ESP paper quotes.
 - `efficientnetv2s`: keras-cv's `EfficientNetV2Backbone` from an explicit stack configuration
-  (its named presets download their config and fail offline, pitfalls.md item 4), rescaling off
+  (keras-cv 0.9's named EfficientNetV2 classes and presets download their architecture config,
+  even with load_weights=False, and fail offline; keras-cv is unmaintained), rescaling off
   (inputs are already normalised), global average pool, dropout 0.2, Dense.
 
 Inputs of any size >= 28 work (28x28x1, 32x32x3, 64x64x3 tested): pooling at the end is global.

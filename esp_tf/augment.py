@@ -19,7 +19,8 @@ rotate composed, bilinear, zero padding, torch ``align_corners=True`` convention
 cutout.  With one geometric family active (always the case for sampled parameters)
 the composed warp equals the reference's sequential ops; flip and integer crop are
 exact (bilinear weights are exactly 0/1).  Keras' random layers are not usable here:
-they cannot share parameters between batches (pitfalls.md item 12).
+they cannot share parameters between batches, and RandomBrightness fails on a tf.Variable
+input (Keras 3.15).
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ _ALG = "philox"
 
 @dataclasses.dataclass(frozen=True)
 class DSAConfig:
-    """Strategy and magnitudes of DSA (defaults: the DSA reference, anchors.md)."""
+    """Strategy and magnitudes of DSA (defaults: the DSA reference code's
+    `color_crop_cutout_flip_scale_rotate`)."""
 
     strategy: str = DEFAULT_STRATEGY
     flip: float = 0.5  # probability of horizontal flip

@@ -3,7 +3,7 @@ r"""Evaluation of a condensed set: train fresh networks on it, test on the real 
     python -m esp_tf.evaluate --condensed=runs/cifar10_ipc10 --archs=convnet3,resnet10,densenet121 \
         --protocol=standard --runs=5 --output=results.json
 
-Protocols (reference/anchors.md), both SGD momentum 0.9, weight decay 5e-4, lr 0.01, 1000 epochs:
+Protocols of the field's published numbers, both SGD momentum 0.9, weight decay 5e-4, lr 0.01, 1000 epochs:
 - standard (MTT / DM / DC-BENCH): batch 256, lr x0.1 at half the epochs, DSA on every batch.
 - idc (IDC's cross-architecture numbers): batch 64, lr x0.2 at 2/3 and 5/6 of the epochs,
   CutMix (probability 0.5, Beta(1, 1)), DSA without cutout applied as IDC does (flip and color

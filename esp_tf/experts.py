@@ -1,6 +1,6 @@
 """Expert training: ConvNet runs on the real data whose parameter snapshots span ESP's subspaces.
 
-Recipe (MTT's buffer step, reference/anchors.md): SGD lr 0.01, no momentum, no weight decay,
+Recipe (MTT's buffer step, which reaches ~77-79 % on CIFAR-10 after 50 epochs): SGD lr 0.01, no momentum, no weight decay,
 batch 256, constant lr, DSA on every batch, a snapshot at init and after every epoch.
 Generation is resumable: finished experts are files in the `TrajectoryStore` and are skipped.
 """

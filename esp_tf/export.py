@@ -99,8 +99,8 @@ class _CondensedBuilder(adhoc_builder.AdhocBuilder, skip_registration=True):
     """An ad-hoc builder whose DatasetInfo also carries supervised keys and a metadata dict.
 
     The stock ``AdhocBuilder`` (used by ``store_as_tfds_dataset``) never sets
-    ``supervised_keys``, which is why its datasets refuse ``as_supervised=True`` (pitfalls.md
-    item 6). The keys are serialised into ``dataset_info.json`` and the ``MetadataDict`` into
+    ``supervised_keys``, which is why its datasets refuse ``as_supervised=True`` (checked
+    with tensorflow-datasets 4.9.10). The keys are serialised into ``dataset_info.json`` and the ``MetadataDict`` into
     ``metadata.json``; read-only builders restore both, so readers need no esp_tf code.
     """
 

@@ -1,6 +1,6 @@
 """Networks used by esp_tf, and a flat-parameter view that drives them from one vector.
 
-ConvNet-3 is the field's standard student/expert network (see reference/anchors.md):
+ConvNet-3 is the field's standard student/expert network (MTT, DC/DM; 320,010 parameters on CIFAR-10):
 3 x [Conv3x3(128, same) -> InstanceNorm -> ReLU -> AvgPool2], Flatten, Dense(classes).
 
 ESP needs the student as a *function* of an explicit parameter vector theta (so that
@@ -27,7 +27,8 @@ class InstanceNorm(keras.layers.Layer):
 
     Written with the mean AND the variance both differentiable: Keras' GroupNormalization
     computes the variance around a gradient-stopped mean, which makes second-order
-    gradients wrong (pitfalls.md item 1), and ESP's projection loss is second order.
+    gradients wrong (a float64 finite-difference check showed 0.5-3 % relative error with
+    TF 2.21 / Keras 3.15), and ESP's projection loss is second order.
     """
 
     def __init__(self, epsilon: float = 1e-5, **kwargs):

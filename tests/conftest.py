@@ -9,7 +9,7 @@ import pathlib
 import pytest
 from absl import flags
 
-# absl flags are unparsed under pytest: parse once with a fake argv (pitfalls.md item 9).
+# absl flags are unparsed under pytest: parse once with a fake argv (never pytest's own).
 if not flags.FLAGS.is_parsed():
     flags.FLAGS(["pytest"])
 

@@ -268,7 +268,7 @@ def test_apply_is_affine_and_tape_gradient_is_its_linear_map():
 
 
 def test_second_order_gradient_through_a_network_on_a_variable():
-    x = tf.Variable(images(4, 8, 8, 3))  # tf.Variable input (pitfalls.md item 12)
+    x = tf.Variable(images(4, 8, 8, 3))  # tf.Variable input (Keras' RandomBrightness fails on one)
     p = A.sample(seed(1), 4, (8, 8))
     kernel = tf.Variable(tf.random.stateless_normal([8 * 8 * 3, 2], seed=[0, 1]))
     with tf.GradientTape() as outer:

@@ -86,3 +86,15 @@ def test_compare_tool_reports_validation_beside_test_and_marks_runs_without_one(
     assert "| validation (%) | test (%) |" in compare.HEADER
     assert rows == ["| beta_x | esp | convnet3 | 48.50 +- 0.50 | 51.00 +- 1.00 | 2 |",
                     "| random | random | convnet3 | - | 15.00 +- 0.00 | 1 |"]
+
+
+def test_no_file_points_to_documents_outside_the_repository():
+    import subprocess
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
+    outside = ("pitfalls.md", "anchors.md", "DESIGN.md", "shared/reference", "shared/paper")
+    hits = [f"{name}: {word}" for name in tracked.stdout.split()
+            if (REPO / name).suffix in (".py", ".md", ".txt", ".flags", ".toml", ".ini", "")
+            and (REPO / name).is_file()
+            for word in outside if word in (REPO / name).read_text(errors="ignore")
+            and not name.endswith("test_configs.py")]
+    assert hits == []
