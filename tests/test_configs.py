@@ -98,3 +98,11 @@ def test_no_file_points_to_documents_outside_the_repository():
             for word in outside if word in (REPO / name).read_text(errors="ignore")
             and not name.endswith("test_configs.py")]
     assert hits == []
+
+
+def test_the_package_installs_its_console_scripts():
+    from importlib import metadata
+    scripts = {e.name: e.value for e in metadata.entry_points(group="console_scripts")
+               if e.value.startswith("esp_tf.")}
+    assert scripts == {"esp-train": "esp_tf.train:run", "esp-evaluate": "esp_tf.evaluate:run"}, (
+        "install the package: pip install -e . (the README's set-up commands do)")
