@@ -61,25 +61,31 @@ class DMStep:
         self.trace_count = 0
         self._compiled = tf.function(self._step, jit_compile=jit_compile)
         self._evaluate = tf.function(self._loss)
+        # The fresh network is drawn outside the (possibly XLA-compiled) step: XLA's float
+        # stateless_uniform differs from the CPU kernel's, and the same seed must give the
+        # same network either way. It is one device-side op, no host round-trip.
+        self._theta_for = tf.function(lambda seed: self.net.init(self._seeds(seed)[0]))
 
     def __call__(self, seed):
-        return self._compiled(tf.cast(seed, tf.int64))
+        seed = tf.cast(seed, tf.int64)
+        return self._compiled(seed, self._theta_for(seed))
 
     def evaluate(self, seed) -> tf.Tensor:
         """The DM loss `step(seed)` would minimise, without updating anything."""
-        return self._evaluate(tf.cast(seed, tf.int64))
+        seed = tf.cast(seed, tf.int64)
+        return self._evaluate(seed, self._theta_for(seed))
 
     def theta_for(self, seed) -> tf.Tensor:
         """The random network [P] that `step(seed)` embeds with (a fresh init per seed)."""
-        return self.net.init(self._seeds(tf.cast(seed, tf.int64))[0])
+        return self._theta_for(tf.cast(seed, tf.int64))
 
     @staticmethod
     def _seeds(seed):
-        return tf.unstack(tf.random.experimental.stateless_split(seed, 3))   # init, augment, real
+        # init, augment, real; Philox fixed so that --jit_compile draws the same numbers
+        return tf.unstack(tf.random.experimental.stateless_split(seed, 3, alg="philox"))
 
-    def _loss(self, seed):
-        init_seed, aug_seed, real_seed = self._seeds(seed)
-        theta = self.net.init(init_seed)                                   # [P] fresh random net
+    def _loss(self, seed, theta):
+        _, aug_seed, real_seed = self._seeds(seed)                         # theta: [P] fresh random net
         c = self.synthetic.num_classes
         params = siamese_params(aug_seed, c, self.synthetic.image_shape[:2], self.config.dsa)
         real_means = real_class_means(self.net, theta, self.sampler, real_seed,
@@ -88,11 +94,11 @@ class DMStep:
         feats = self.net.features(theta, augment_by_class(x_syn, y_syn, params))   # [C*ipc, D]
         return dm_loss(real_means, feats, y_syn)
 
-    def _step(self, seed):
+    def _step(self, seed, theta):
         self.trace_count += 1       # Python side effect: runs only while tracing
         variables = [v for name in sorted(self.groups) for v in self.groups[name]]
         with tf.GradientTape() as tape:
-            loss = self._loss(seed)
+            loss = self._loss(seed, theta)
         _apply(self.optimizers, self.groups, tape.gradient(loss, variables))
         return {"loss": loss, "dm": loss}
 

@@ -343,9 +343,13 @@ class ClassBalancedSampler:
         if not isinstance(per_class, int) or per_class < 1:
             raise ValueError(f"per_class must be a Python int >= 1, got {per_class!r}")
         c = self.num_classes
-        keys = tf.random.stateless_uniform([c, self._max_count], seed=seed)
+        # int keys from a fixed algorithm: XLA's float stateless_uniform and its auto-selected
+        # algorithm differ from the CPU kernel's, int Philox draws agree, so a --jit_compile
+        # step samples the same real images as a plain one
+        keys = tf.random.stateless_uniform([c, self._max_count], seed=seed, minval=0, maxval=2**31 - 1,
+                                           dtype=tf.int32, alg="philox")
         valid = tf.range(self._max_count)[None, :] < self._counts[:, None]
-        keys = tf.where(valid, keys, -1.0)  # padding ranks after every real image
+        keys = tf.where(valid, keys, -1)  # padding ranks after every real image
         k = min(per_class, self._max_count)
         _, ranked = tf.math.top_k(keys, k=k)  # [C, k] distinct random positions per class
         cols = tf.math.floormod(tf.range(per_class)[None, :], self._counts[:, None])

@@ -59,7 +59,8 @@ class ESPConfig:
 def class_balanced_slice(x, y, num_classes: int, per_class: int, seed):
     """per_class random images of each class from a class-major set x [C*M, ...], y [C*M]."""
     m = x.shape[0] // num_classes
-    keys = tf.random.stateless_uniform([num_classes, m], seed)
+    keys = tf.random.stateless_uniform([num_classes, m], seed, minval=0, maxval=2**31 - 1, dtype=tf.int32,
+                                       alg="philox")        # int Philox: the same draw under XLA
     pick = tf.argsort(keys, axis=1)[:, :per_class]                          # [C, k] within-class
     index = tf.reshape(pick + tf.range(num_classes)[:, None] * m, [-1])     # [C*k] global
     return tf.gather(x, index), tf.gather(y, index)
@@ -185,7 +186,8 @@ class ESPStep:
     def _step(self, theta, basis, seed):
         self.trace_count += 1       # Python side effect: runs only while tracing
         cfg = self.config
-        aug_seed, real_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        # a fixed algorithm: XLA would otherwise auto-select another one and draw other numbers
+        aug_seed, real_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2, alg="philox"))
         num_classes = self.synthetic.num_classes
         # one draw per class, shared by its real and synthetic images
         params = siamese_params(aug_seed, num_classes, self.synthetic.image_shape[:2], cfg.dsa)
@@ -199,7 +201,7 @@ class ESPStep:
         with tf.GradientTape(persistent=both) as outer:
             x_syn, y_syn = self.synthetic.render()
             if cfg.batch_syn is not None:      # sliced-batch variant: a biased, cheaper gradient
-                slice_seed = tf.random.experimental.stateless_fold_in(seed, 7)
+                slice_seed = tf.random.experimental.stateless_fold_in(seed, 7, alg="philox")
                 x_syn, y_syn = class_balanced_slice(x_syn, y_syn, num_classes, self._per_class, slice_seed)
             x_aug = augment_by_class(x_syn, y_syn, params)
             loss, aux = outer_loss(self.net, theta, basis, x_aug, y_syn, real_means, cfg)

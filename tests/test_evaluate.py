@@ -272,7 +272,7 @@ def test_parallel_writers_of_one_results_file_keep_every_cell(tmp_path):
             workdir.merge_json_cell({path!r}, "row" + str(i % 3), sys.argv[1] + str(i), i)
     """)
     procs = [subprocess.Popen([sys.executable, "-c", script, name], cwd=REPO) for name in "abc"]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0, 0]
     merged = workdir.read_json(path)
     assert sum(len(cells) for cells in merged.values()) == 3 * 40
     assert merged["row1"]["b4"] == 4

@@ -112,7 +112,7 @@ def test_export_reads_back_byte_exact_in_fresh_process_without_esp_tf(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([sys.executable, "-c", _READER, str(data_dir), path, out],
-                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120)
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = np.load(out + ".npz")
     with open(out + ".json") as f:
