@@ -227,7 +227,7 @@ def plot_curves(metrics_jsonl: str, path: str) -> str:
         raise ValueError(f"{metrics_jsonl} holds no metrics")
     it = [r["iteration"] for r in rows]
     panels = [(k, t) for k, t in (("loss", "outer loss"), ("dm", "L_DM"), ("proj", "L_proj (L1)"),
-                                  ("ce", "student CE on synthetic set")) if k in rows[0]]
+                                  ("pull", "pull of beta*L_proj vs L_DM"), ("ce", "student CE on synthetic set")) if k in rows[0]]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (key, title) in zip(np.atleast_1d(axes), panels):
         ax.plot(it, [r[key] for r in rows])

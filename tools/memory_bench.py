@@ -17,18 +17,16 @@ for both methods); the process peak (VmHWM) is printed beside it.
 A child whose RSS passes --max_mib is killed and reported as a lower bound (">").
 With only ESP (no --methods, no other --ipcs) the output is the original one, ending with
 `ESP N<last>/N<first> peak-memory ratio: <x>` (--steps order). With esp and tm the last line is
-`TM/ESP peak-memory ratio at N=<max>: <x>`, and a PNG plot is written (own raster, no matplotlib).
+`TM/ESP peak-memory ratio at N=<max>: <x>`, and a PNG plot is written (matplotlib).
 """
 from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -215,79 +213,39 @@ def main(argv):
               f"{tm['step_peak_mib'] / max(esp['step_peak_mib'], 1e-9):.3f}", flush=True)
 
 
-# -- a PNG plot drawn by hand (numpy raster + zlib), so the tool needs no plotting library -----
-_FONT = {ch: bits for ch, bits in zip("0123456789.ABCEIKMNPSTV=/>", (
-    "111101101101111 010110010010111 111001111100111 111001111001111 101101111001001 "
-    "111100111001111 111100111101111 111001001001001 111101111101111 111101111001111 "
-    "000000000000010 010101111101101 110101110101110 111100100100111 111100110100111 "
-    "111010010010111 101101110101101 101111101101101 110101101101101 110101110100100 "
-    "111100111001111 111010010010010 101101101101010 000111000111000 001001010100100 "
-    "100010001010100").split())}
-_COLORS = {"esp": (30, 90, 200), "tm": (210, 40, 40)}
-
-
-def _text(img, x, y, s, color=(0, 0, 0), k=2):
-    for ch in s.upper():
-        bits = _FONT.get(ch, "0" * 15)
-        for i, b in enumerate(bits):
-            if b == "1":
-                r, c = y + (i // 3) * k, x + (i % 3) * k
-                img[r:r + k, c:c + k] = color
-        x += 4 * k
-
-
-def _panel(img, x0, rows, key, title):
-    """One plot in the 360x260 box at column x0: step peak MiB against `key`, one line per method."""
-    left, top, w, h = x0 + 60, 30, 280, 190
-    img[top:top + h + 1, left] = 0
-    img[top + h, left:left + w + 1] = 0
-    _text(img, left, 8, title)
-    xs = sorted({r[key] for r in rows}) or [0]
-    y_max = max([r["step_peak_mib"] for r in rows] + [1e-9]) * 1.1
-
-    def px(v):                                           # linear axis, 5% margins
-        span = (xs[-1] - xs[0]) or 1
-        return left + int(w * (0.05 + 0.9 * (v - xs[0]) / span if len(xs) > 1 else 0.5))
-
-    def py(mib):
-        return top + h - int(h * mib / y_max)
-
-    for frac in (0.0, 0.5, 1.0):
-        _text(img, x0 + 2, py(frac * y_max) - 5, f"{frac * y_max:.{0 if y_max >= 10 else 2}f}")
-    for v in xs:
-        _text(img, px(v) - 6, top + h + 8, str(v))
-    for m, color in _COLORS.items():
-        pts = [(px(r[key]), py(r["step_peak_mib"]), r.get("killed")) for r in
-               sorted((r for r in rows if r["method"] == m), key=lambda r: r[key])]
-        for (xa, ya, _), (xb, yb, _) in zip(pts, pts[1:]):
-            for t in [i / 200 for i in range(201)]:
-                r, c = int(ya + t * (yb - ya)), int(xa + t * (xb - xa))
-                img[r - 1:r + 1, c - 1:c + 1] = color
-        for xa, ya, killed in pts:
-            img[ya - 3:ya + 4, xa - 3:xa + 4] = color
-            if killed:
-                _text(img, xa + 6, ya - 5, ">", color)
+_COLORS = {"esp": "tab:blue", "tm": "tab:red"}
 
 
 def _plot(rows, ipc_n, path):
-    """Writes `path`: step peak MiB vs N (IPC --ipc) and vs IPC (N=ipc_n); ESP blue, TM red."""
-    import numpy as np
-    img = np.full((260, 720, 3), 255, np.uint8)           # [H, W, RGB]
-    _panel(img, 0, [r for r in rows if r["ipc"] == FLAGS.ipc], "n", "PEAK MIB VS N")
-    _panel(img, 360, [r for r in rows if r["n"] == ipc_n], "ipc", f"PEAK MIB VS IPC  N={ipc_n}")
-    for i, m in enumerate(_COLORS):                       # legend, top left of the N panel
-        _text(img, 80, 40 + 16 * i, m, _COLORS[m])
-    raw = b"".join(b"\x00" + img[r].tobytes() for r in range(img.shape[0]))
+    """Writes `path`: step peak MiB vs N (IPC --ipc) and vs IPC (N=ipc_n), one line per method."""
+    import io
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from esp_tf import workdir
 
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-    header = struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 2, 0, 0, 0)   # 8-bit RGB
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    with open(path + ".tmp", "wb") as f:
-        f.write(png)
-    os.replace(path + ".tmp", path)
-    print(f"plot: {path} (step peak MiB; blue esp, red tm)", flush=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    panels = ((axes[0], [r for r in rows if r["ipc"] == FLAGS.ipc], "n", f"N (inner steps), IPC {FLAGS.ipc}"),
+              (axes[1], [r for r in rows if r["n"] == ipc_n], "ipc", f"IPC, N={ipc_n}"))
+    for ax, sub, key, label in panels:
+        for method, color in _COLORS.items():
+            pts = sorted((r[key], r["step_peak_mib"], r.get("killed")) for r in sub if r["method"] == method)
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=method)
+            for x, y, killed in pts:
+                if killed:                  # the child was stopped at --max_mib: a lower bound
+                    ax.annotate(">=", (x, y), textcoords="offset points", xytext=(4, 4), color=color)
+        ax.set_xlabel(label)
+        ax.set_ylabel("step peak MiB")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    workdir.atomic_write_bytes(path, buf.getvalue())
+    print(f"plot: {path} (step peak MiB; esp blue, tm red)", flush=True)
 
 
 if __name__ == "__main__":
