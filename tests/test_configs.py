@@ -74,20 +74,6 @@ def test_paper_config_holds_exactly_the_values_of_the_settings_table(path):
         assert cli.condense_settings().param == "latents"
 
 
-def test_compare_tool_reports_validation_beside_test_and_marks_runs_without_one():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("compare_tool", REPO / "tools" / "compare.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
-    rows = compare.table_rows("beta_x", {
-        "esp": {"convnet3": {"accuracies": [50.0, 52.0], "mean": 51.0, "std": 1.0,
-                             "val_accuracies": [48.0, 49.0], "val_mean": 48.5, "val_std": 0.5}},
-        "random": {"convnet3": {"accuracies": [15.0], "mean": 15.0, "std": 0.0}}})
-    assert "| validation (%) | test (%) |" in compare.HEADER
-    assert rows == ["| beta_x | esp | convnet3 | 48.50 +- 0.50 | 51.00 +- 1.00 | 2 |",
-                    "| random | random | convnet3 | - | 15.00 +- 0.00 | 1 |"]
-
-
 def test_no_file_points_to_documents_outside_the_repository():
     import subprocess
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)

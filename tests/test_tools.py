@@ -1,0 +1,61 @@
+"""The scripts in tools/ that read finished workdirs: their numbers come from the files."""
+
+import functools
+import importlib.util
+import json
+
+import pytest
+
+from conftest import REPO
+
+
+@functools.cache            # a tool defines absl flags at import: load each once per session
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _finished_run(path, method="esp", val=True):
+    path.mkdir()
+    (path / "flags.txt").write_text(f"--method={method}\n--param=latents\n")
+    rows = [{"iteration": 2, "updates": 50, "seconds_per_update": 2.0},
+            {"iteration": 4, "updates": 100, "seconds_per_update": 3.0}]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cell = {"accuracies": [40.0, 42.0], "mean": 41.0, "std": 1.0}
+    if val:
+        cell.update(val_accuracies=[39.0, 40.0], val_mean=39.5, val_std=0.5)
+    (path / "eval.json").write_text(json.dumps({method: {"convnet3": cell}, "random": {"convnet3": cell}}))
+    return str(path)
+
+
+def test_fidelity_curve_reads_updates_wall_clock_and_both_accuracies(tmp_path):
+    curve = _tool("fidelity_curve")
+    point = curve.run_point(_finished_run(tmp_path / "a"))
+    assert point["updates"] == 100 and point["seconds"] == 50 * 2.0 + 50 * 3.0
+    assert (point["method"], point["test"], point["val"], point["runs"]) == ("esp", 41.0, 39.5, 2)
+    dm = curve.run_point(_finished_run(tmp_path / "b", method="dm", val=False))
+    assert dm["method"] == "dm" and dm["val"] is None
+    curve.plot([point, dm], str(tmp_path / "curve.png"))
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fidelity_curve_names_what_an_unfinished_run_lacks(tmp_path):
+    curve = _tool("fidelity_curve")
+    work = tmp_path / "half"
+    work.mkdir()
+    (work / "flags.txt").write_text("--method=esp\n")
+    with pytest.raises(ValueError, match="metrics.jsonl, eval.json missing"):
+        curve.run_point(str(work))
+
+
+def test_compare_tool_reports_validation_beside_test_and_marks_runs_without_one():
+    compare = _tool("compare")
+    rows = compare.table_rows("beta_x", {
+        "esp": {"convnet3": {"accuracies": [50.0, 52.0], "mean": 51.0, "std": 1.0,
+                             "val_accuracies": [48.0, 49.0], "val_mean": 48.5, "val_std": 0.5}},
+        "random": {"convnet3": {"accuracies": [15.0], "mean": 15.0, "std": 0.0}}})
+    assert "| validation (%) | test (%) |" in compare.HEADER
+    assert rows == ["| beta_x | esp | convnet3 | 48.50 +- 0.50 | 51.00 +- 1.00 | 2 |",
+                    "| random | random | convnet3 | - | 15.00 +- 0.00 | 1 |"]
