@@ -32,13 +32,18 @@ VARIANTS = {
     "latents": ["--param=latents"],
 }
 
-flags.DEFINE_string("flagfile_base", "configs/quickstart.flags", "Flagfile every variant starts from.")
-flags.DEFINE_string("out", "runs/compare", "Parent directory of the variants' workdirs.")
-flags.DEFINE_list("variants", [], f"Any of {', '.join(VARIANTS)}.")
-flags.DEFINE_multi_string("variant", [], "Ad-hoc variant 'name:<space-separated train flags>', run "
-                          "after --variants, e.g. --variant='dm300:--method=dm --iterations=300'.")
-flags.DEFINE_list("extra", [], "Flags added to every variant, e.g. --extra=--eval_runs=3.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command line's flags (defined only when run as a program, so tests can import
+    this module beside others that own flags of the same name)."""
+    flags.DEFINE_string("flagfile_base", "configs/quickstart.flags", "Flagfile every variant starts from.")
+    flags.DEFINE_string("out", "runs/compare", "Parent directory of the variants' workdirs.")
+    flags.DEFINE_list("variants", [], f"Any of {', '.join(VARIANTS)}.")
+    flags.DEFINE_multi_string("variant", [], "Ad-hoc variant 'name:<space-separated train flags>', run "
+                              "after --variants, e.g. --variant='dm300:--method=dm --iterations=300'.")
+    flags.DEFINE_list("extra", [], "Flags added to every variant, e.g. --extra=--eval_runs=3.")
 
 
 def main(argv):
@@ -88,4 +93,5 @@ def table_rows(variant: str, results: dict) -> list[str]:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -19,9 +19,14 @@ import sys
 
 from absl import app, flags
 
-flags.DEFINE_string("out", "fidelity_curve.png", "PNG plot path.")
-flags.DEFINE_string("arch", None, "Evaluation architecture to read (default: the only one in each eval.json).")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command line's flags (defined only when run as a program, so tests can import
+    this module beside others that own flags of the same name)."""
+    flags.DEFINE_string("out", "fidelity_curve.png", "PNG plot path.")
+    flags.DEFINE_string("arch", None, "Evaluation architecture to read (default: the only one in each eval.json).")
 
 
 def run_point(workdir: str, arch: str | None = None) -> dict:
@@ -98,4 +103,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
