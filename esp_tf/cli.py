@@ -49,10 +49,11 @@ flags.DEFINE_integer("max_start_epoch", 20, "Segments start at an epoch drawn fr
 flags.DEFINE_float("beta", 1e-5, "Weight of the projection loss (paper 4.2).")
 flags.DEFINE_float("inner_lr", 0.1, "Projected-SGD student learning rate (paper 4.2).")
 flags.DEFINE_list("losses", ["proj", "dm"], "Outer losses: proj, dm or both (paper Table 4).")
-flags.DEFINE_enum("dm_reduction", "sum", ["sum", "class_mean", "element_mean"],
-                  "How L_DM reduces the squared distances of class-mean embeddings: sum over classes "
-                  "and features (DM's code), class_mean (eq. 8 as written), element_mean (MSE). Sets "
-                  "what --beta means; metrics.jsonl logs the resulting pull ratio ('pull').")
+flags.DEFINE_enum("dm_reduction", "element_mean", ["sum", "class_mean", "element_mean"],
+                  "How ESP's L_DM reduces the squared distances of class-mean embeddings: sum over "
+                  "classes and features (DM's code), class_mean (eq. 8 as written), element_mean "
+                  "(MSE; chosen on a validation split, see BENCHMARKS.md). Sets what --beta means; "
+                  "metrics.jsonl logs the resulting pull ratio ('pull').")
 flags.DEFINE_integer("real_per_class", 256, "Real images per class in each DM term (DM default 256).")
 flags.DEFINE_float("lr_pixels", None, "Learning rate of synthetic pixels; default per method: esp 0.01 "
                    "(Adam), dm 1.0 (SGD, momentum 0.5, as DM), tm 100 (SGD, momentum 0.5, as MTT).")

@@ -29,7 +29,8 @@ LOSSES = ("proj", "dm")
 #   class_mean   mean over classes of the squared L2 norm (eq. 8 as the paper writes it);
 #   element_mean mean over classes and features (the usual MSE reduction).
 # The paper's beta = 1e-5 balances L_DM against L_proj only under some unstated convention,
-# so the convention is a setting and every run logs the measured pull ratio (`pull`).
+# so the convention is a setting and every run logs the measured pull ratio (`pull`). The DM
+# baseline keeps DM's own "sum" (its SGD lr of 1.0 assumes it).
 DM_REDUCTIONS = ("sum", "class_mean", "element_mean")
 
 
@@ -42,7 +43,10 @@ class ESPConfig:
     dsa: augment.DSAConfig | None = augment.DSAConfig()   # None disables augmentation
     batch_syn: int | None = None     # None: every synthetic image each update (the paper's point);
     #                                  k: a random class-balanced slice of k images (Figure 8 study)
-    dm_reduction: str = "sum"        # see DM_REDUCTIONS
+    dm_reduction: str = "element_mean"   # see DM_REDUCTIONS; chosen on a validation split: at
+    #                                  beta 1e-5 it lets L_proj pull about as hard as L_DM
+    #                                  (pull ~1 vs ~1e-4 under "sum"), and scored 41.65 +- 0.40
+    #                                  against 40.05 +- 0.37 (CIFAR-10 IPC 1 latents, 3 seeds)
 
     def __post_init__(self):
         if self.dm_reduction not in DM_REDUCTIONS:

@@ -173,15 +173,15 @@ def _pull_after_one_step(**cfg):
 
 
 def test_pull_ratio_scales_with_beta_and_the_dm_reduction_and_the_update_is_the_sum():
-    pull, pixels = _pull_after_one_step(beta=1e-3)
+    pull, pixels = _pull_after_one_step(beta=1e-3, dm_reduction="sum")
     assert np.isfinite(pull) and pull > 0
-    np.testing.assert_allclose(_pull_after_one_step(beta=2e-3)[0], 2 * pull, rtol=1e-4)
+    np.testing.assert_allclose(_pull_after_one_step(beta=2e-3, dm_reduction="sum")[0], 2 * pull, rtol=1e-4)
     # class_mean divides L_DM (so its gradient) by C: the projection pulls C times harder
     np.testing.assert_allclose(_pull_after_one_step(beta=1e-3, dm_reduction="class_mean")[0], C * pull,
                                rtol=1e-4)
     # beta -> 0: the step is the pure-DM step (the split gradients are summed, not replaced)
-    _, dm_only = _pull_after_one_step(beta=0.0)
-    net, syn, step = _step(esp.ESPConfig(real_per_class=2, dsa=None, losses=("dm",)))
+    _, dm_only = _pull_after_one_step(beta=0.0, dm_reduction="sum")
+    net, syn, step = _step(esp.ESPConfig(real_per_class=2, dsa=None, losses=("dm",), dm_reduction="sum"))
     theta = net.init([0, 1])
     step(theta, _basis_at(net, theta), [3, 4])
     np.testing.assert_allclose(dm_only, syn.images.numpy(), rtol=1e-5, atol=1e-6)

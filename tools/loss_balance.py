@@ -50,7 +50,9 @@ def main(argv):
                                           [real.num_classes, FLAGS.real_per_class, -1]), 1)
         grads = {}
         for term in ("dm", "proj"):
-            cfg = esp.ESPConfig(beta=1.0, losses=(term,), dsa=None)
+            # the run's own L_DM reduction; runs from before the flag existed summed (DM's code)
+            cfg = esp.ESPConfig(beta=1.0, losses=(term,), dsa=None,
+                                dm_reduction=run.get("dm_reduction", "sum"))
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 loss, _ = esp.outer_loss(net, theta, basis, x, y, means, cfg)
