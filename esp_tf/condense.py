@@ -199,9 +199,10 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
                 sums[name] = sums.get(name, 0.0) + v
             count += 1
         loss = float(metrics[-1]["loss"])
-        if not np.isfinite(loss) or not bool(finite.numpy()):
-            what = f"{s.method.upper()} loss became {loss}" if not np.isfinite(loss) else \
-                "the synthetic set became non-finite (NaN or inf)"
+        set_finite = bool(finite.numpy())
+        if not np.isfinite(loss) or not set_finite:
+            what = ("the synthetic set became non-finite (NaN or inf)" if not set_finite else
+                    f"the {s.method.upper()} loss became non-finite ({loss})")
             raise wd.UserError(
                 f"{what} at iteration {it + 1}; it was not checkpointed or saved, and a rerun resumes "
                 f"from the last finite checkpoint ({manager.latest_checkpoint or 'none yet'}). "
@@ -238,7 +239,7 @@ def _checkpoint_problem(path: str) -> str | None:
     try:
         reader = tf.train.load_checkpoint(path)
         tensors = [reader.get_tensor(k) for k in reader.get_variable_to_shape_map()]
-    except (tf.errors.OpError, ValueError, OSError) as e:
+    except (tf.errors.OpError, ValueError, OSError, IndexError) as e:   # IndexError: a short read
         return f"damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
     if any(np.issubdtype(np.asarray(t).dtype, np.floating) and not np.all(np.isfinite(t)) for t in tensors):
         return "non-finite (holds NaN/inf values)"

@@ -87,7 +87,7 @@ def prepare_workdir():
     if FLAGS.data_dir and os.path.exists(FLAGS.data_dir) and not os.path.isdir(FLAGS.data_dir):
         errors.append(f"--data_dir={FLAGS.data_dir} is a file, not a directory")
     if errors:
-        raise wd.UserError("invalid flags:\n  " + "\n  ".join(errors))
+        raise wd.UserError("invalid flags: " + "; ".join(errors))
     _check_writable(FLAGS.workdir, "workdir")
     old = wd.parse_flags_file(path("flags.txt")) if os.path.exists(path("flags.txt")) else None
     new = cli.flag_values()

@@ -75,7 +75,7 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_last_checkpoint(
     condense.run(real, net, trajs, _settings(tmp_path, iterations=2, clip_pixels=False))
     before = tf.train.latest_checkpoint(str(tmp_path / "ckpt"))
     blown = _settings(tmp_path, iterations=6, lr_pixels=1e38, clip_pixels=False)
-    with pytest.raises(wd.UserError, match=r"(loss became (nan|inf)|set became non-finite) at iteration 3;"
+    with pytest.raises(wd.UserError, match=r"(loss|set) became non-finite.* at iteration 3;"
                        r" it was not checkpointed or saved.*--inner_lr, --lr_pixels.* or --beta"):
         condense.run(real, net, trajs, blown)
     assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")) == before
