@@ -12,6 +12,7 @@ one would. Writes <workdir>/ckpt/, metrics.jsonl and synthetic.npz.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import io
 import json
 import os
@@ -248,8 +249,11 @@ def _checkpoint_problem(path: str) -> str | None:
 
 def _restore_last_intact(ckpt, manager) -> str | None:
     """Restores the newest intact, finite checkpoint of `manager`; returns its path (None: none)."""
-    skipped = []
-    for path in reversed(manager.checkpoints):           # newest first
+    skipped, paths = [], list(manager.checkpoints)
+    if not paths:    # a lost or garbled `checkpoint` index lists nothing, but the shards remain
+        found = glob.glob(os.path.join(manager.directory, "ckpt-*.index"))
+        paths = sorted((p[:-len(".index")] for p in found), key=lambda p: int(p.rsplit("-", 1)[1]))
+    for path in reversed(paths):           # newest first
         problem = _checkpoint_problem(path)
         if problem:
             wd.say(f"condense: checkpoint {path} is {problem}; trying an older one")

@@ -158,6 +158,7 @@ def test_2_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_older_one(
     tmp, work, before = run_copy
     data = next((work / "ckpt").glob("ckpt-2.data-*"))
     data.write_bytes(data.read_bytes()[:10])                          # truncated shard
+    (work / "ckpt" / "checkpoint").unlink()                           # and a lost index file
     out = _ok(_train(tmp, [f"--workdir={work}", "--phases=experts,condense"] + TINY))
     assert "ckpt-2 is damaged" in out.stdout and "resumed from" in out.stdout and "ckpt-1" in out.stdout
     a, b = np.load(work / "synthetic.npz"), np.load(tmp / "work" / "synthetic.npz")
