@@ -346,9 +346,16 @@ def main(argv):
 def run():
     from esp_tf.data import DatasetNotFoundError
     from esp_tf.trajectories import TrajectoryError
+    import tensorflow as tf      # for its error classes (main imports it anyway)
     verbose = lambda: FLAGS.is_parsed() and FLAGS.verbose     # noqa: E731
     try:
         app.run(main)
+    except tf.errors.ResourceExhaustedError as e:   # a full disk under a checkpoint write, or memory
+        if verbose():
+            traceback.print_exc()
+        wd.fail(f"{e.message.splitlines()[0][:300]}: out of disk space or memory. Free some and rerun "
+                "the same command: it resumes from the last checkpoint.")
+        sys.exit(2)
     except (wd.UserError, DatasetNotFoundError, TrajectoryError, OSError) as e:   # no traceback, exit 2
         if verbose():
             traceback.print_exc()

@@ -303,6 +303,30 @@ def test_5_a_full_disk_while_writing_experts_is_one_line_and_leaves_no_partial_f
     assert [n for n in os.listdir(experts) if n.endswith((".tfrecord", ".tmp"))] == []
 
 
+# The checkpoint writer of iteration 2 finds the disk full.
+CKPT_DISK_FULL = """
+import tensorflow as tf
+_save = tf.train.CheckpointManager.save
+def _save_or_full(self, checkpoint_number=None, **kw):
+    if checkpoint_number == 2:
+        raise tf.errors.ResourceExhaustedError(None, None, "ckpt-2.data: No space left on device")
+    return _save(self, checkpoint_number=checkpoint_number, **kw)
+tf.train.CheckpointManager.save = _save_or_full
+"""
+
+
+def test_5_a_full_disk_while_checkpointing_is_one_line_and_the_rerun_resumes(finished, tmp_path):
+    tmp, work = finished
+    args = [f"--workdir={tmp_path / 'w'}", f"--experts_dir={work / 'experts'}",
+            "--phases=experts,condense"] + TINY
+    _refused(_train(tmp, args, patch=CKPT_DISK_FULL), "No space left", "rerun the same command")
+    assert not (tmp_path / "w" / "synthetic.npz").exists()
+    out = _ok(_train(tmp, args))
+    assert "resumed from" in out.stdout and "ckpt-1" in out.stdout
+    a, b = np.load(tmp_path / "w" / "synthetic.npz"), np.load(work / "synthetic.npz")
+    np.testing.assert_array_equal(a["images"], b["images"])
+
+
 # Ctrl-C right after metrics.jsonl got the row of iteration 3, one past the checkpoint at 2.
 CTRL_C = """
 from esp_tf import workdir
