@@ -205,8 +205,8 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
             what = ("the synthetic set became non-finite (NaN or inf)" if not set_finite else
                     f"the {s.method.upper()} loss became non-finite ({loss})")
             raise wd.UserError(
-                f"{what} at iteration {it + 1}; it was not checkpointed or saved, and a rerun resumes "
-                f"from the last finite checkpoint ({manager.latest_checkpoint or 'none yet'}). "
+                f"{what} at iteration {it + 1}; it was not checkpointed or saved (the last checkpoint, "
+                f"{manager.latest_checkpoint or 'none yet'}, is finite). "
                 f"{NONFINITE_ADVICE}")
         iteration.assign_add(1)
         done = it + 1

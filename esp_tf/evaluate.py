@@ -394,7 +394,7 @@ def run():
     from esp_tf.data import DatasetNotFoundError
     define_flags()
     try:
-        app.run(main)
+        app.run(main, flags_parser=wd.parse_argv)
     except (wd.UserError, DatasetNotFoundError, OSError) as e:
         from absl import flags
         if flags.FLAGS.is_parsed() and flags.FLAGS.verbose:

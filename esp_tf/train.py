@@ -346,16 +346,9 @@ def main(argv):
 def run():
     from esp_tf.data import DatasetNotFoundError
     from esp_tf.trajectories import TrajectoryError
-    import tensorflow as tf      # for its error classes (main imports it anyway)
     verbose = lambda: FLAGS.is_parsed() and FLAGS.verbose     # noqa: E731
     try:
-        app.run(main)
-    except tf.errors.ResourceExhaustedError as e:   # a full disk under a checkpoint write, or memory
-        if verbose():
-            traceback.print_exc()
-        wd.fail(f"{e.message.splitlines()[0][:300]}: out of disk space or memory. Free some and rerun "
-                "the same command: it resumes from the last checkpoint.")
-        sys.exit(2)
+        app.run(main, flags_parser=wd.parse_argv)
     except (wd.UserError, DatasetNotFoundError, TrajectoryError, OSError) as e:   # no traceback, exit 2
         if verbose():
             traceback.print_exc()
@@ -369,6 +362,15 @@ def run():
         wd.fail("interrupted. Rerun the same command to resume: finished experts and phases are kept "
                 "and the condensation continues from its last checkpoint.")
         sys.exit(130)      # the shell's convention for a SIGINT exit
+    except Exception as e:
+        tf = sys.modules.get("tensorflow")       # imported by then if the error comes from it
+        if tf is None or not isinstance(e, tf.errors.ResourceExhaustedError):
+            raise
+        if verbose():                            # a full disk under a checkpoint write, or memory
+            traceback.print_exc()
+        wd.fail(f"{e.message.splitlines()[0][:300]}: out of disk space or memory. Free some and rerun "
+                "the same command: it resumes from the last checkpoint.")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -125,9 +125,9 @@ def _recipe_mismatches(found: TrajectoryMeta, expected: TrajectoryMeta, where: s
 
 def _raise_incompatible(problems, where):
     raise TrajectoryError(
-        f"expert trajectories in {where or '<unknown>'} do not match this run:\n  "
-        + "\n  ".join(problems)
-        + "\nUse another --experts_dir (or the --expert_* flags and --seed "
+        f"expert trajectories in {where or '<unknown>'} do not match this run: "
+        + "; ".join(problems)
+        + ". Use another --experts_dir (or the --expert_* flags and --seed "
         "that trained these experts), or delete that directory to regenerate the experts.")
 
 

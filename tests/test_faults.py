@@ -118,6 +118,13 @@ def test_1_non_finite_float_flags_are_rejected_before_any_work(tmp_path):
     assert not (tmp_path / "w" / "flags.txt").exists(), line
 
 
+def test_3_unknown_or_unparsable_flags_are_one_line_with_exit_code_2(tmp_path):
+    _refused(_train(tmp_path, [f"--workdir={tmp_path / 'w'}", "--ipc=abc"]), "--ipc", "--helpfull")
+    _refused(_train(tmp_path, [f"--workdir={tmp_path / 'w'}", "--ipcc=1"]), "ipcc", "--helpfull")
+    _refused(_evaluate(tmp_path, ["--runs=many"]), "--runs", "--helpfull")
+    assert not (tmp_path / "w").exists()
+
+
 def test_1_a_non_finite_checkpoint_is_named_and_skipped(tmp_path):
     import tensorflow as tf
     from esp_tf import condense
