@@ -190,7 +190,7 @@ def flag_values() -> dict:
 
 
 def flags_file_text() -> str:
-    """A flagfile that replays this run (--restart is never recorded)."""
+    """A flagfile that replays this run (--restart and --verbose are never recorded)."""
     lines = [f.serialize() for f in FLAGS.get_flags_for_module(__name__) if f.name not in ("restart", "verbose")]
     return ("# Resolved flags of this run. Replay: python -m esp_tf.train --flagfile=<this file>\n"
             + "".join(line + "\n" for line in lines if line))
