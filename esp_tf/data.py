@@ -244,14 +244,15 @@ def load(name: str, data_dir: str | None = None, *, max_train_per_class: int | N
     base, _ = _split_name(name)
     embedded = base.split("/")[0] in EMBEDDED_DATASETS
     data_dir = os.fspath(data_dir) if data_dir is not None else _default_data_dir()
-    if not embedded:
-        try:
+    try:
+        if not embedded:
             _check_prepared(name, data_dir)
-        except DatasetNotFoundError:
-            if not download:
-                raise
-            _download_and_prepare(name, data_dir)
-    builder = _get_builder(name, data_dir, embedded)
+        builder = _get_builder(name, data_dir, embedded)
+    except DatasetNotFoundError:      # not prepared (no folder, or an unfinished one)
+        if embedded or not download:
+            raise
+        _download_and_prepare(name, data_dir)
+        builder = _get_builder(name, data_dir, embedded)
     splits = builder.info.splits
     if "train" not in splits:
         raise ValueError(f"{name}: no 'train' split (splits: {sorted(splits)})")
