@@ -204,10 +204,10 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
         if not np.isfinite(loss) or not set_finite:
             what = ("the synthetic set became non-finite (NaN or inf)" if not set_finite else
                     f"the {s.method.upper()} loss became non-finite ({loss})")
-            raise wd.UserError(
-                f"{what} at iteration {it + 1}; it was not checkpointed or saved (the last checkpoint, "
-                f"{manager.latest_checkpoint or 'none yet'}, is finite). "
-                f"{NONFINITE_ADVICE}")
+            last = (f"the last checkpoint, {manager.latest_checkpoint}, is finite"
+                    if manager.latest_checkpoint else "no checkpoint was written yet")
+            raise wd.UserError(f"{what} at iteration {it + 1}; it was not checkpointed or saved "
+                               f"({last}). {NONFINITE_ADVICE}")
         iteration.assign_add(1)
         done = it + 1
         if done % s.log_every == 0 or done == s.iterations:
