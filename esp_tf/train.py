@@ -39,6 +39,9 @@ _EVAL_FLAGS = ("eval_epochs", "eval_runs", "eval_batch", "eval_lr", "eval_dsa")
 _EVAL_OUTPUTS = ("eval.json", os.path.join("saved_model", "classifier"), "tfds")
 _OUTPUTS = ("ckpt", "synthetic.npz", "eval.json", "metrics.jsonl", "grid.png", "curves.png", "tfds",
             "saved_model", "tensorboard", "budget.json")
+# What a run that stopped early (e.g. diverged before its first checkpoint) leaves is only logs;
+# these are the results that other settings must not be mixed into.
+_FINISHED = ("ckpt", "synthetic.npz", "eval.json", "tfds", "saved_model")
 _MOVE_ASIDE = "its results are moved aside into a previous-<time>/ folder inside it, nothing is deleted"
 
 
@@ -106,12 +109,14 @@ def prepare_workdir():
             f"--workdir, or pass --restart ({_MOVE_ASIDE}).")
     elif old is not None:
         changed = {k for k in new if k not in _RERUN_SAFE and k not in _EVAL_FLAGS and old.get(k, "") != new[k]}
-        if changed and results:
+        if changed and any(name in _FINISHED for name in results):
             raise wd.UserError(
                 f"{FLAGS.workdir} holds a run with other settings ({', '.join(sorted(changed))} differ "
                 f"from its flags.txt). Use another --workdir, or pass --restart ({_MOVE_ASIDE}).")
-        if changed:     # a run that stopped before producing anything: nothing to protect
-            wd.say(f"workdir {FLAGS.workdir} holds no results yet: its flags.txt is replaced")
+        if changed:     # a run that stopped before any result: its logs go aside, flags are replaced
+            moved = f"; its logs ({', '.join(results)}) moved to {_move_aside(results)}" if results else ""
+            wd.say(f"workdir {FLAGS.workdir} holds no results of its earlier settings ("
+                   f"{', '.join(sorted(changed))} differ): starting with the new ones{moved}")
             old = None
         else:
             evals = [k for k in _EVAL_FLAGS if old.get(k, "") != new[k]]

@@ -97,6 +97,11 @@ def test_1_a_diverging_condensation_stops_names_the_flags_and_saves_nothing_non_
     from esp_tf import condense
     for index in (fresh / "ckpt").glob("ckpt-*.index") if (fresh / "ckpt").exists() else []:
         assert condense._checkpoint_problem(str(index)[:-len(".index")]) is None
+    # the corrected command in the same workdir: nothing finished there, so no --restart needed
+    out = _ok(_train(tmp, [f"--workdir={fresh}", f"--experts_dir={work / 'experts'}",
+                           "--phases=experts,condense"] + TINY))
+    assert "starting with the new ones" in out.stdout and "inner_lr" in out.stdout
+    assert np.isfinite(np.load(fresh / "synthetic.npz")["images"]).all()
 
 
 def test_1_export_and_evaluate_refuse_a_non_finite_set(run_copy):
