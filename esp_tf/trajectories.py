@@ -127,8 +127,8 @@ def _raise_incompatible(problems, where):
     raise TrajectoryError(
         f"expert trajectories in {where or '<unknown>'} do not match this run: "
         + "; ".join(problems)
-        + ". Use another --experts_dir (or the --expert_* flags and --seed "
-        "that trained these experts), or delete that directory to regenerate the experts.")
+        + ". They are kept: use another --experts_dir for this run's experts, or the settings "
+        "(--expert_*, --seed, model, dataset) that trained these.")
 
 
 def check_compatible(found: TrajectoryMeta, expected: TrajectoryMeta, *,
