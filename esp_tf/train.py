@@ -95,6 +95,14 @@ def prepare_workdir():
     old = wd.parse_flags_file(path("flags.txt")) if os.path.exists(path("flags.txt")) else None
     new = cli.flag_values()
     results = [name for name in _OUTPUTS if os.path.exists(path(name))]
+    wanted = set(FLAGS.phases)       # checked before --restart moves anything
+    if ("condense" not in wanted and wanted & {"evaluate", "export"}
+            and (FLAGS.restart or "synthetic.npz" not in results)):
+        raise wd.UserError(
+            f"--phases={','.join(FLAGS.phases)} needs {path('synthetic.npz')}, which "
+            + ("--restart would move aside" if FLAGS.restart and "synthetic.npz" in results else
+               "does not exist (the condensation has not finished in this workdir)")
+            + "; add the condense phase, e.g. --phases=experts,condense,evaluate,export")
     if FLAGS.restart:
         moved = results + (["flags.txt"] if old is not None else [])
         if moved:
@@ -126,12 +134,6 @@ def prepare_workdir():
                 wd.say(f"evaluation settings changed ({', '.join(evals)}): moved {', '.join(stale)} "
                        f"(made with the old settings) to {dest}; the condensation is kept")
             wd.say(f"workdir {FLAGS.workdir} exists with the same settings: resuming")
-    wanted = set(FLAGS.phases)
-    if "condense" not in wanted and wanted & {"evaluate", "export"} and not os.path.exists(path("synthetic.npz")):
-        raise wd.UserError(
-            f"--phases={','.join(FLAGS.phases)} needs {path('synthetic.npz')}, which does not exist "
-            "(the condensation has not finished in this workdir); add the condense phase, e.g. "
-            "--phases=experts,condense,evaluate,export")
     return old
 
 

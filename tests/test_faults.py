@@ -264,6 +264,9 @@ def test_4_a_partial_rerun_keeps_the_full_phase_list(run_copy):
 
 def test_4_evaluate_or_export_without_a_condensed_set_is_an_error(run_copy):
     tmp, work, before = run_copy
+    _refused(_train(tmp, [f"--workdir={work}", "--phases=evaluate", "--restart"] + TINY),
+             "synthetic.npz", "--restart would move aside")
+    assert not [p for p in work.iterdir() if p.name.startswith("previous-")]    # nothing moved
     (work / "synthetic.npz").unlink()
     _refused(_train(tmp, [f"--workdir={work}", "--phases=evaluate,export"] + TINY),
              "synthetic.npz", "does not exist", "condense")
