@@ -369,7 +369,7 @@ def test_5_ctrl_c_is_one_line_and_the_resumed_run_logs_no_duplicate_rows(finishe
     assert "KeyboardInterrupt" not in out.stderr, out.stderr
     assert [x for x in out.stderr.splitlines() if x.startswith("error:")] == [line]
     out = _ok(_train(tmp, args))
-    assert "resumed from" in out.stdout and line
+    assert "resumed from" in out.stdout
     rows = [json.loads(x)["iteration"] for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2, 3, 4]
 
@@ -381,11 +381,9 @@ def test_6_tilde_in_path_flags_is_expanded(finished, tmp_path):
     tmp, work = finished
     home = tmp_path / "home"
     home.mkdir()
-    env_tmp = tmp_path
-    code = _train(env_tmp, ["--data_dir=~/tfds", "--workdir=~/w", f"--experts_dir={work / 'experts'}",
-                            "--phases=experts"] + TINY, data_dir=False, cwd=tmp_path,
-                  patch=f"import os; os.environ['HOME'] = {str(home)!r}")
-    _ok(code)
+    _ok(_train(tmp_path, ["--data_dir=~/tfds", "--workdir=~/w", f"--experts_dir={work / 'experts'}",
+                          "--phases=experts"] + TINY, data_dir=False, cwd=tmp_path,
+               patch=f"import os; os.environ['HOME'] = {str(home)!r}"))
     assert (home / "tfds" / "fashion_mnist_mini").is_dir() and (home / "w" / "flags.txt").exists()
     assert not (tmp_path / "~").exists()
 
