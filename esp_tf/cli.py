@@ -5,6 +5,7 @@ explicit arguments. Every default carries its reason.
 """
 from __future__ import annotations
 
+import math
 import os
 
 from absl import flags
@@ -15,6 +16,8 @@ PHASES = ("experts", "condense", "evaluate", "export")
 # -- data & model ------------------------------------------------------------------------
 flags.DEFINE_string("dataset", "fashion_mnist_mini", "TFDS dataset name (embedded default needs no download).")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir holding prepared datasets (default: TFDS's own).")
+flags.DEFINE_bool("download", True, "Download and prepare a missing dataset through TFDS, as tfds.load "
+                  "does (needs network); --nodownload: only read prepared data (tests, benchmarks).")
 flags.DEFINE_string("workdir", None, "Output directory of this run (flags, checkpoints, metrics, exports).")
 flags.DEFINE_string("experts_dir", None, "Trajectory store; default <workdir>/experts. Share it across runs.")
 flags.DEFINE_string("model", "convnet3", "Student/expert network (models.ARCHS).")
@@ -85,7 +88,9 @@ flags.DEFINE_bool("eval_dsa", True, "DSA during evaluation training (off loses s
 flags.DEFINE_list("baselines", ["random"], "Real-subset baselines evaluated beside the condensed set: "
                   "random, herding (on expert 0's final embeddings).")
 
-flags.DEFINE_bool("restart", False, "Discard the results already in --workdir (experts are kept).")
+flags.DEFINE_bool("restart", False, "Start over in --workdir: its results are moved aside into "
+                  "<workdir>/previous-<time>/ (nothing is deleted; experts are kept).")
+flags.DEFINE_bool("verbose", False, "On an error, show the Python traceback too.")
 
 # -- export ------------------------------------------------------------------------------
 flags.DEFINE_string("export_name", None, "TFDS name of the exported set (default esp_<dataset>_ipc<k>).")
@@ -119,6 +124,13 @@ def validate():
         errors.append(f"--baselines: unknown {bad}; available: random, herding")
     if FLAGS.batch_syn < 0:
         errors.append("--batch_syn must be >= 0 (0 = all synthetic images)")
+    for f in FLAGS.get_flags_for_module(__name__):      # NaN/inf would poison every update
+        if isinstance(f.value, float) and not math.isfinite(f.value):
+            errors.append(f"--{f.name} must be a finite number, got {f.value}")
+    from esp_tf import models                            # the registry models.build reads
+    for name, value in (("model", FLAGS.model), ("eval_arch", eval_arch())):
+        if value not in models.ARCHS:
+            errors.append(f"--{name}: unknown {value!r}; known: {', '.join(sorted(models.ARCHS))}")
     return errors
 
 
@@ -199,8 +211,8 @@ def flag_values() -> dict:
 
 
 def flags_file_text() -> str:
-    """A flagfile that replays this run (--restart is never recorded)."""
-    lines = [f.serialize() for f in FLAGS.get_flags_for_module(__name__) if f.name != "restart"]
+    """A flagfile that replays this run (--restart and --verbose are never recorded)."""
+    lines = [f.serialize() for f in FLAGS.get_flags_for_module(__name__) if f.name not in ("restart", "verbose")]
     return ("# Resolved flags of this run. Replay: python -m esp_tf.train --flagfile=<this file>\n"
             + "".join(line + "\n" for line in lines if line))
 

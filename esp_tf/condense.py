@@ -12,7 +12,9 @@ one would. Writes <workdir>/ckpt/, metrics.jsonl and synthetic.npz.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import io
+import json
 import os
 import time
 
@@ -121,7 +123,15 @@ def make_optimizers(s: CondenseSettings) -> dict:
     return opts
 
 
+NONFINITE_ADVICE = ("Usual causes: a too large --inner_lr, --lr_pixels (--lr_codes/--lr_decoders with "
+                    "--param=latents, --lr_teacher/--lr_lr with --method=tm) or --beta. Lower them and "
+                    "rerun in a new --workdir, or in this one with --restart (its results are moved aside).")
+
+
 def _save_synthetic(path: str, images: np.ndarray, labels: np.ndarray) -> None:
+    if not np.all(np.isfinite(images)):      # never reached while the in-loop check holds
+        raise wd.UserError(f"the condensed set holds NaN/inf values; {path} was not written. "
+                           f"{NONFINITE_ADVICE}")
     buf = io.BytesIO()
     np.savez(buf, images=images, labels=labels)
     wd.atomic_write_bytes(path, buf.getvalue())
@@ -159,17 +169,24 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
     ckpt = tf.train.Checkpoint(synthetic=syn, iteration=iteration, **extra,
                                **{f"opt_{k}": o for k, o in optimizers.items()})
     manager = tf.train.CheckpointManager(ckpt, os.path.join(s.workdir, "ckpt"), max_to_keep=2)
-    if manager.latest_checkpoint:
-        try:
-            ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        except (ValueError, AssertionError, tf.errors.OpError) as e:
-            raise wd.UserError(
-                f"the checkpoint {manager.latest_checkpoint} does not match this configuration "
-                f"({str(e).splitlines()[0][:300]}). Use another --workdir, or --restart to discard it.") from e
-        wd.say(f"condense: resumed from {manager.latest_checkpoint} at iteration {int(iteration)}")
-
-    one_iteration = _iteration_fn(s, step, trajectories)
+    restored = _restore_last_intact(ckpt, manager)
+    if restored:
+        wd.say(f"condense: resumed from {restored} at iteration {int(iteration)}")
     metrics_path = os.path.join(s.workdir, "metrics.jsonl")
+    _drop_metrics_after(metrics_path, int(iteration))
+
+    # The set is checked for NaN/inf after every update, in-graph: `finite` stays True until one
+    # update makes any variable of the set non-finite; it is read once per iteration (the loop
+    # reads the loss then anyway), before anything is logged, checkpointed or saved.
+    watched = list(syn.trainable_variables) + list(extra.values())
+    finite = tf.Variable(True, trainable=False, name="finite")
+
+    @tf.function
+    def check_finite():
+        ok = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in watched]))
+        finite.assign(tf.logical_and(finite, ok))
+
+    one_iteration = _iteration_fn(s, step, trajectories, after_update=check_finite)
     board = tf.summary.create_file_writer(os.path.join(s.workdir, "tensorboard"))
 
     def grid_summary(step: int):
@@ -190,11 +207,14 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
                 sums[name] = sums.get(name, 0.0) + v
             count += 1
         loss = float(metrics[-1]["loss"])
-        if not np.isfinite(loss):
-            raise wd.UserError(
-                f"{s.method.upper()} loss became {loss} at iteration {it}; the synthetic set was NOT "
-                f"saved past the last checkpoint ({manager.latest_checkpoint}). Lower --lr_pixels "
-                "(or --lr_codes/--lr_decoders) or --beta and rerun.")
+        set_finite = bool(finite.numpy())
+        if not np.isfinite(loss) or not set_finite:
+            what = ("the synthetic set became non-finite (NaN or inf)" if not set_finite else
+                    f"the {s.method.upper()} loss became non-finite ({loss})")
+            last = (f"the last checkpoint, {manager.latest_checkpoint}, is finite"
+                    if manager.latest_checkpoint else "no checkpoint was written yet")
+            raise wd.UserError(f"{what} at iteration {it + 1}; it was not checkpointed or saved "
+                               f"({last}). {NONFINITE_ADVICE}")
         iteration.assign_add(1)
         done = it + 1
         if done % s.log_every == 0 or done == s.iterations:
@@ -219,11 +239,77 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
     return images, labels, syn
 
 
-def _iteration_fn(s: CondenseSettings, step, trajectories):
-    """`one_iteration(it) -> (list of per-update metrics, info)` for the method in `s`."""
+def _checkpoint_problem(path: str) -> str | None:
+    """Why checkpoint `path` cannot be resumed from ("damaged ..." or "non-finite"), or None.
+
+    Reads every tensor through a CheckpointReader, which verifies the files (a missing or
+    truncated shard raises) without touching the live variables."""
+    try:
+        reader = tf.train.load_checkpoint(path)
+        tensors = [reader.get_tensor(k) for k in reader.get_variable_to_shape_map()]
+    except (tf.errors.OpError, ValueError, OSError, IndexError) as e:   # IndexError: a short read
+        return f"damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    if any(np.issubdtype(np.asarray(t).dtype, np.floating) and not np.all(np.isfinite(t)) for t in tensors):
+        return "non-finite (holds NaN/inf values)"
+    return None
+
+
+def _restore_last_intact(ckpt, manager) -> str | None:
+    """Restores the newest intact, finite checkpoint of `manager`; returns its path (None: none)."""
+    skipped, paths = [], list(manager.checkpoints)
+    if not paths:    # a lost or garbled `checkpoint` index lists nothing, but the shards remain
+        found = glob.glob(os.path.join(manager.directory, "ckpt-*.index"))
+        paths = sorted((p[:-len(".index")] for p in found), key=lambda p: int(p.rsplit("-", 1)[1]))
+    for path in reversed(paths):           # newest first
+        problem = _checkpoint_problem(path)
+        if problem:
+            wd.say(f"condense: checkpoint {path} is {problem}; trying an older one")
+            skipped.append(path)
+            continue
+        try:
+            ckpt.restore(path).assert_existing_objects_matched()
+        except (ValueError, AssertionError, tf.errors.OpError) as e:
+            raise wd.UserError(
+                f"the checkpoint {path} does not match this configuration "
+                f"({str(e).splitlines()[0][:300]}). Use another --workdir, or --restart to move this "
+                "run's results aside.") from e
+        return path
+    if skipped:
+        raise wd.UserError(
+            f"no intact checkpoint to resume from: {', '.join(skipped)} cannot be used (see above). "
+            "Pass --restart to move this run's results aside and condense from scratch (an intact "
+            "synthetic.npz can still be evaluated and exported with --phases=evaluate,export).")
+    return None
+
+
+def _drop_metrics_after(path: str, iteration: int) -> None:
+    """Keeps the rows of metrics.jsonl up to `iteration` (the resumed one): rows logged after the
+    last checkpoint are logged again by the resumed run, and a killed writer may leave half a line."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["iteration"] <= iteration:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    if kept != lines:
+        wd.atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _iteration_fn(s: CondenseSettings, step, trajectories, after_update=lambda: None):
+    """`one_iteration(it) -> (list of per-update metrics, info)` for the method in `s`;
+    `after_update()` runs after each update of the synthetic set."""
     update_seed = lambda n: [s.seed + 1_000_003, n]
     if s.method == "dm":      # a fresh random network each iteration; no experts
-        return lambda it: ([step(update_seed(it))], {})
+        def dm_iteration(it):
+            metrics = step(update_seed(it))
+            after_update()
+            return [metrics], {}
+        return dm_iteration
     trajs = tf.constant(trajectories, tf.float32)
 
     @tf.function
@@ -236,10 +322,13 @@ def _iteration_fn(s: CondenseSettings, step, trajectories):
         theta, basis_or_target, k, t = segment_for(tf.constant([s.seed, it], tf.int64))
         info = {"expert": k, "start_epoch": t}
         if s.method == "tm":
-            return [step(theta, basis_or_target, update_seed(it))], info
+            metrics = step(theta, basis_or_target, update_seed(it))
+            after_update()
+            return [metrics], info
         metrics = []
         for n in range(s.inner_steps):
             theta, m = step(theta, basis_or_target, update_seed(it * s.inner_steps + n))
+            after_update()
             metrics.append(m)
         return metrics, info
 

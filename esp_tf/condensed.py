@@ -45,6 +45,29 @@ def _ipc(labels) -> int:
     return int(np.bincount(labels).max()) if len(labels) else 0
 
 
+def _refuse_nonfinite(images, what: str) -> None:
+    """A NaN/inf image would train every network into NaN: such a set is never scored or exported."""
+    if images is not None and not np.all(np.isfinite(images)):
+        raise UserError(f"{what} holds NaN/inf values (a diverged condensation), so it is not "
+                        "evaluated or exported; condense again with a lower --inner_lr, --lr_* or --beta")
+
+
+def read_synthetic(path: str):
+    """(normalised float32 images, int32 labels) of a synthetic.npz; a damaged, incomplete or
+    non-finite file is a UserError naming it."""
+    import zipfile
+    try:
+        with np.load(path) as saved:
+            if "images" not in saved or "labels" not in saved:
+                raise UserError(f"{path} lacks 'images'/'labels' (has {list(saved)})")
+            images, labels = saved["images"].astype(np.float32), saved["labels"].astype(np.int32)
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:   # truncated or not an npz
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); rerun the condense phase "
+                        "(--phases=condense,...), which rewrites it from the last checkpoint") from e
+    _refuse_nonfinite(images, path)
+    return images, labels
+
+
 def _from_workdir(path, data_dir, source_dataset) -> CondensedSet:
     flags_path = os.path.join(path, "flags.txt")
     recorded = parse_flags_file(flags_path) if os.path.exists(flags_path) else {}
@@ -52,10 +75,7 @@ def _from_workdir(path, data_dir, source_dataset) -> CondensedSet:
     if not source:
         raise UserError(f"{path} has synthetic.npz but no flags.txt naming its --dataset; "
                         "pass --source_dataset=<TFDS name>")
-    with np.load(os.path.join(path, "synthetic.npz")) as saved:
-        if "images" not in saved or "labels" not in saved:
-            raise UserError(f"{path}/synthetic.npz lacks 'images'/'labels' (has {list(saved)})")
-        images, labels = saved["images"].astype(np.float32), saved["labels"].astype(np.int32)
+    images, labels = read_synthetic(os.path.join(path, "synthetic.npz"))
     label = f"{recorded.get('method', 'esp')} ipc{_ipc(labels)}"
     return CondensedSet("workdir", label, labels, source, data_dir or recorded.get("data_dir") or None,
                         images=images)
@@ -83,9 +103,16 @@ def _from_builder(builder, kind, data_dir, source_dataset) -> CondensedSet:
     if image_key not in info.features or label_key not in info.features:
         raise UserError(f"{info.full_name} has no {image_key!r}/{label_key!r} features "
                         f"(has {list(info.features)})")
-    arrays = tfds.as_numpy(builder.as_dataset(split="train", batch_size=-1, shuffle_files=False))
+    import tensorflow as tf
+    try:
+        arrays = tfds.as_numpy(builder.as_dataset(split="train", batch_size=-1, shuffle_files=False))
+    except tf.errors.OpError as e:      # DataLossError: a truncated or corrupt TFRecord shard
+        raise UserError(f"{builder.data_dir} is damaged ({type(e).__name__}: "
+                        f"{e.message.splitlines()[0][:200]}); export it again (esp_tf.train "
+                        "--phases=export in its workdir)") from e
     labels = arrays[label_key].astype(np.int32)
     images = arrays["image_normalized"].astype(np.float32) if "image_normalized" in arrays else None
+    _refuse_nonfinite(images, builder.data_dir)
     pixels = arrays[image_key] if images is None else None
     if pixels is not None and pixels.ndim == 3:
         pixels = pixels[..., None]

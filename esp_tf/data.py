@@ -1,15 +1,19 @@
 """Real-data access for esp_tf: loading, normalisation, class-balanced sampling, input pipelines.
 
 Why one module: it is the only place that talks to TensorFlow Datasets (TFDS), so the offline
-rules live here. Non-embedded datasets are always read with ``download=False`` after checking
+rules live here. Non-embedded datasets are read with ``download=False`` after checking
 that their folder exists, because a missing dataset would otherwise make TFDS retry the network
-for minutes. The embedded ``fashion_mnist_mini`` ships inside the package and is prepared
-locally. Everything downstream gets a :class:`RealData` with class-sorted uint8 numpy arrays.
+for minutes. ``load(..., download=True)`` (the CLI's default, as ``tfds.load``) downloads a missing
+one through TFDS, but first probes the network with a short timeout, so an offline machine gets
+an error within seconds. The embedded ``fashion_mnist_mini`` ships inside the package and is
+prepared locally. Everything downstream gets a :class:`RealData` with class-sorted uint8 numpy arrays.
 """
 import contextlib
 import dataclasses
 import io
 import os
+import socket
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -110,9 +114,11 @@ def _present_datasets(data_dir: str) -> list:
 
 def _not_found(name: str, data_dir: str, reason: str) -> DatasetNotFoundError:
     present = _present_datasets(data_dir)
+    holds = ("does not exist" if not tf.io.gfile.isdir(data_dir) else
+             f"holds: {', '.join(present) if present else '(no datasets)'}")
     return DatasetNotFoundError(
         f"dataset {name!r} is not available: {reason}. Searched data_dir {data_dir!r}, which "
-        f"holds: {', '.join(present) if present else '(no datasets)'}. Fix: pass the TFDS "
+        f"{holds}. Fix: pass the TFDS "
         f"data_dir that holds it (--data_dir / data_dir=), or prepare it on a machine with "
         f"network with `tfds build {name.partition(':')[0].split('/')[0]} --data_dir <dir>` and "
         f"copy the folder over. Embedded datasets that need no data_dir: "
@@ -128,6 +134,47 @@ def _check_prepared(name: str, data_dir: str) -> None:
     if version and "*" not in version and not tf.io.gfile.isdir(os.path.join(path, version)):
         have = ", ".join(sorted(tf.io.gfile.listdir(path))) or "none"
         raise _not_found(name, data_dir, f"version {version} is not prepared (versions: {have})")
+
+
+# TFDS downloads from its GCS bucket and the datasets' own hosts; this one answering on HTTPS
+# within seconds tells a machine with network from an offline one.
+PROBE_HOST = ("storage.googleapis.com", 443)
+
+
+def network_reachable(address=PROBE_HOST, timeout: float = 3.0) -> bool:
+    """True when a TCP connection to `address` opens within `timeout` seconds. Run in a thread
+    joined with a deadline, so a hanging DNS lookup cannot stall the caller either."""
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return bool(ok)
+
+
+def _download_and_prepare(name: str, data_dir: str):
+    """Downloads and prepares a registered TFDS dataset into data_dir, as tfds.load does."""
+    import tensorflow_datasets as tfds
+    try:
+        tfds.builder_cls(_split_name(name)[0].split("/")[0])      # an unknown name: no network
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise _not_found(name, data_dir, str(e).split("\n")[0]) from e
+    if not network_reachable():
+        raise _not_found(name, data_dir, f"it is not prepared and the network cannot be reached "
+                         f"({PROBE_HOST[0]}:{PROBE_HOST[1]} did not answer) to download it")
+    logging.warning("downloading and preparing %s into %s through TFDS (once; may take a while)",
+                    name, data_dir)
+    tfds.enable_progress_bar()
+    try:
+        tfds.builder(name, data_dir=data_dir).download_and_prepare()
+    finally:
+        tfds.disable_progress_bar()
 
 
 def _get_builder(name: str, data_dir: str, embedded: bool):
@@ -218,8 +265,10 @@ def split_validation(images, labels, per_class: int, seed: int = VAL_SEED):
 
 
 def load(name: str, data_dir: str | None = None, *, max_train_per_class: int | None = None,
-         max_test_per_class: int | None = None, val_per_class: int = 0) -> RealData:
-    """Load a TFDS image-classification dataset fully into memory, never using the network.
+         max_test_per_class: int | None = None, val_per_class: int = 0,
+         download: bool = False) -> RealData:
+    """Load a TFDS image-classification dataset fully into memory; the network is used only
+    with ``download=True``, to download and prepare a missing non-embedded dataset.
 
     ``name`` may carry TFDS config/version syntax (``'cifar10:3.0.2'``). ``max_*_per_class``
     keep the first examples of each class in TFDS stored order. ``val_per_class`` > 0 carves a
@@ -237,9 +286,15 @@ def load(name: str, data_dir: str | None = None, *, max_train_per_class: int | N
     base, _ = _split_name(name)
     embedded = base.split("/")[0] in EMBEDDED_DATASETS
     data_dir = os.fspath(data_dir) if data_dir is not None else _default_data_dir()
-    if not embedded:
-        _check_prepared(name, data_dir)
-    builder = _get_builder(name, data_dir, embedded)
+    try:
+        if not embedded:
+            _check_prepared(name, data_dir)
+        builder = _get_builder(name, data_dir, embedded)
+    except DatasetNotFoundError:      # not prepared (no folder, or an unfinished one)
+        if embedded or not download:
+            raise
+        _download_and_prepare(name, data_dir)
+        builder = _get_builder(name, data_dir, embedded)
     splits = builder.info.splits
     if "train" not in splits:
         raise ValueError(f"{name}: no 'train' split (splits: {sorted(splits)})")

@@ -16,6 +16,8 @@ the same run. The CLI (bottom of the file) reads any condensed set (esp_tf/conde
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import sys
 import time
 
@@ -313,6 +315,7 @@ def define_flags():
                          "fresh random order (a compute-capped full-data row; default whole passes).")
     flags.DEFINE_string("method", None, "Row label (default: the set's method + ipc, or 'full').")
     flags.DEFINE_string("output", None, "JSON file the results are merged into (default: print only).")
+    flags.DEFINE_bool("verbose", False, "On an error, show the Python traceback too.")
 
 
 def main(argv):
@@ -325,6 +328,11 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
+    for name in ("condensed", "data_dir", "output"):      # bash leaves `~` alone after `=`
+        if getattr(F, name):
+            setattr(F, name, os.path.expanduser(getattr(F, name)))
+    if F.lr is not None and not math.isfinite(F.lr):
+        raise wd.UserError(f"--lr must be a finite number, got {F.lr}")
     if bool(F.condensed) == F.full:
         raise wd.UserError("give exactly one of --condensed=<set> and --full (with --source_dataset)")
     unknown = [a for a in F.archs if a not in models.ARCHS]
@@ -343,7 +351,12 @@ def main(argv):
         wd.say(f"full training split of {real.name}: {len(real.train_labels)} images")
     else:
         cset = condensed_lib.resolve(F.condensed, F.data_dir, F.source_dataset)
-        real = data_lib.load(cset.source_dataset, cset.data_dir, max_train_per_class=1)
+        source_dir, base = cset.data_dir, cset.source_dataset.partition(":")[0]
+        if (base.split("/")[0] in data_lib.EMBEDDED_DATASETS and source_dir
+                and not os.path.isdir(os.path.join(source_dir, *base.split("/")))):
+            source_dir = None    # an embedded source is prepared in TFDS's default data_dir, never
+            #                      in a folder the user gave for the condensed set
+        real = data_lib.load(cset.source_dataset, source_dir, max_train_per_class=1)
         images, labels, label = cset.normalized(real.mean, real.std), cset.labels, F.method or cset.label
         if images.shape[1:] != real.image_shape or labels.min() < 0 or labels.max() >= real.num_classes:
             raise wd.UserError(f"{F.condensed}: images {images.shape[1:]} with labels {labels.min()}.."
@@ -392,10 +405,17 @@ def run():
     from esp_tf.data import DatasetNotFoundError
     define_flags()
     try:
-        app.run(main)
-    except (wd.UserError, DatasetNotFoundError) as e:
-        wd.fail(str(e))
+        app.run(main, flags_parser=wd.parse_argv)
+    except (wd.UserError, DatasetNotFoundError, OSError) as e:
+        from absl import flags
+        if flags.FLAGS.is_parsed() and flags.FLAGS.verbose:
+            import traceback
+            traceback.print_exc()
+        wd.fail(str(e) if not isinstance(e, OSError) else f"{e.strerror or e}: {e.filename or ''}")
         sys.exit(2)
+    except KeyboardInterrupt:
+        wd.fail("interrupted; results already merged into --output are kept")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -106,10 +106,13 @@ def train_expert(net: FlatModel, real: data_lib.RealData, config: ExpertConfig, 
 
 
 def expert_meta(net: FlatModel, model_name: str, model_config: dict, dataset: str,
-                num_classes: int, config: ExpertConfig) -> TrajectoryMeta:
-    """The metadata trajectories of this model/dataset/recipe are stored (and checked) with."""
+                num_classes: int, config: ExpertConfig, seed: int | None = None) -> TrajectoryMeta:
+    """The metadata trajectories of this model/dataset/recipe are stored (and checked) with;
+    `seed` is the `generate` seed the experts derive from (recorded in the recipe when given)."""
     train_config = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("epochs", "dsa")}
     train_config["dsa"] = None if config.dsa is None else dataclasses.asdict(config.dsa)
+    if seed is not None:
+        train_config["seed"] = int(seed)
     return TrajectoryMeta(model=model_name, model_config=dict(model_config), dataset=dataset,
                           input_shape=tuple(int(d) for d in net.model.input_shape[1:]),
                           num_classes=num_classes, layout=net.layout, epochs=config.epochs,

@@ -22,6 +22,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.dataset_builders import adhoc_builder
 
+from esp_tf import workdir as wd
+
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -71,18 +73,8 @@ def save_png(image: np.ndarray, path: str) -> str:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
         raise ValueError(f"image must be uint8 HxWxC with C in (1,3,4); got {image.dtype} "
                          f"{image.shape}")
-    data = tf.io.encode_png(image).numpy()
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    wd.atomic_write_bytes(path, tf.io.encode_png(image).numpy())   # with the umask's permissions
     return path
 
 

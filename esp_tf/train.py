@@ -12,9 +12,11 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import shutil
+import re
 import sys
+import tempfile
 import time
+import traceback
 
 import numpy as np
 from absl import app, logging
@@ -26,40 +28,147 @@ from esp_tf.cli import FLAGS
 # =====================================================================================
 # Set-up: flags, workdir, data, model
 # =====================================================================================
-# Flags that may change between runs sharing a workdir without invalidating its results.
-_RERUN_SAFE = {"phases", "log_every", "ckpt_every", "restart", "jit_compile", "data_dir", "experts_dir"}
+# Flags that may change between runs sharing a workdir without invalidating its results: scheduling,
+# paths (a workdir is identified by its content, not by how a path is spelled; the expert store
+# checks its own metadata and recipe), and per-architecture / per-name evaluation and export
+# choices (eval.json holds one cell per method and architecture; exports are named).
+_RERUN_SAFE = {"phases", "log_every", "ckpt_every", "restart", "jit_compile", "data_dir", "experts_dir",
+               "workdir", "download", "verbose", "eval_arch", "baselines", "export_name"}
+# Evaluation settings: changing them keeps the condensation, and moves aside the outputs they made.
+_EVAL_FLAGS = ("eval_epochs", "eval_runs", "eval_batch", "eval_lr", "eval_dsa")
+_EVAL_OUTPUTS = ("eval.json", os.path.join("saved_model", "classifier"), "tfds")
 _OUTPUTS = ("ckpt", "synthetic.npz", "eval.json", "metrics.jsonl", "grid.png", "curves.png", "tfds",
             "saved_model", "tensorboard", "budget.json")
+# What a run that stopped early (e.g. diverged before its first checkpoint) leaves is only logs;
+# these are the results that other settings must not be mixed into.
+_FINISHED = ("ckpt", "synthetic.npz", "eval.json", "tfds", "saved_model")
+_MOVE_ASIDE = "its results are moved aside into a previous-<time>/ folder inside it, nothing is deleted"
 
 
 def path(*parts) -> str:
     return os.path.join(FLAGS.workdir, *parts)
 
 
+def _expand_paths():
+    """`~` in path flags: bash leaves it alone after `=` (--data_dir=~/tensorflow_datasets)."""
+    for name in ("data_dir", "workdir", "experts_dir"):
+        if getattr(FLAGS, name):
+            setattr(FLAGS, name, os.path.expanduser(getattr(FLAGS, name)))
+
+
+def _check_writable(folder: str, flag: str):
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise wd.UserError(f"--{flag}={folder} is a file, not a directory; pass a directory")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise wd.UserError(f"--{flag}={folder} is not writable ({e.strerror}: {e.filename}); "
+                           "pass a writable directory") from e
+
+
+def _move_aside(names) -> str:
+    """Moves workdir entries `names` into a new <workdir>/previous-<time>/ (same layout); returns it."""
+    dest = base = path(time.strftime("previous-%Y%m%d-%H%M%S"))
+    n = 1
+    while os.path.exists(dest):
+        dest, n = f"{base}-{n}", n + 1
+    for name in names:
+        target = os.path.join(dest, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(path(name), target)       # a rename within the workdir: nothing is copied or lost
+    return dest
+
+
 def prepare_workdir():
-    """Validates flags; refuses to mix a new configuration into an existing run's workdir."""
+    """Validates flags; refuses to mix a new configuration into an existing run's workdir.
+
+    Returns the recorded flags of the run this one continues (None: a new run). flags.txt itself
+    is written by `_write_flags` once the run has really started."""
+    _expand_paths()
     errors = cli.validate()
+    if FLAGS.data_dir and os.path.exists(FLAGS.data_dir) and not os.path.isdir(FLAGS.data_dir):
+        errors.append(f"--data_dir={FLAGS.data_dir} is a file, not a directory")
     if errors:
-        raise wd.UserError("invalid flags:\n  " + "\n  ".join(errors))
-    os.makedirs(FLAGS.workdir, exist_ok=True)
+        raise wd.UserError("invalid flags: " + "; ".join(errors))
+    _check_writable(FLAGS.workdir, "workdir")
     old = wd.parse_flags_file(path("flags.txt")) if os.path.exists(path("flags.txt")) else None
     new = cli.flag_values()
-    if old is not None and FLAGS.restart:
-        for name in _OUTPUTS:
-            p = path(name)
-            if os.path.isdir(p):
-                shutil.rmtree(p)
-            elif os.path.exists(p):
-                os.remove(p)
-        wd.say(f"--restart: removed previous outputs in {FLAGS.workdir} (experts are kept)")
+    results = [name for name in _OUTPUTS if os.path.exists(path(name))]
+    wanted = set(FLAGS.phases)       # checked before --restart moves anything
+    if ("condense" not in wanted and wanted & {"evaluate", "export"}
+            and (FLAGS.restart or "synthetic.npz" not in results)):
+        raise wd.UserError(
+            f"--phases={','.join(FLAGS.phases)} needs {path('synthetic.npz')}, which "
+            + ("--restart would move aside" if FLAGS.restart and "synthetic.npz" in results else
+               "does not exist (the condensation has not finished in this workdir)")
+            + "; add the condense phase, e.g. --phases=experts,condense,evaluate,export")
+    if FLAGS.restart:
+        moved = results + (["flags.txt"] if old is not None else [])
+        if moved:
+            dest = _move_aside(moved)
+            wd.say(f"--restart: moved the previous results ({', '.join(moved)}) to {dest}; "
+                   "experts are kept")
+        old = None
+    elif old is None and results:
+        raise wd.UserError(
+            f"{FLAGS.workdir} holds results ({', '.join(results)}) but no flags.txt saying which settings "
+            "made them, so they cannot be resumed or reported under these flags. Use another "
+            f"--workdir, or pass --restart ({_MOVE_ASIDE}).")
     elif old is not None:
-        changed = {k for k in new if k not in _RERUN_SAFE and old.get(k, "") != new[k]}
-        if changed:
+        changed = {k for k in new if k not in _RERUN_SAFE and k not in _EVAL_FLAGS and old.get(k, "") != new[k]}
+        if changed and any(name in _FINISHED for name in results):
             raise wd.UserError(
                 f"{FLAGS.workdir} holds a run with other settings ({', '.join(sorted(changed))} differ "
-                "from its flags.txt). Use another --workdir, or pass --restart to discard its results.")
-        wd.say(f"workdir {FLAGS.workdir} exists with the same settings: resuming")
-    wd.atomic_write_text(path("flags.txt"), cli.flags_file_text())
+                f"from its flags.txt). Use another --workdir, or pass --restart ({_MOVE_ASIDE}).")
+        if changed:     # a run that stopped before any result: its logs go aside, flags are replaced
+            moved = f"; its logs ({', '.join(results)}) moved to {_move_aside(results)}" if results else ""
+            wd.say(f"workdir {FLAGS.workdir} holds no results of its earlier settings ("
+                   f"{', '.join(sorted(changed))} differ): starting with the new ones{moved}")
+            old = None
+        else:
+            evals = [k for k in _EVAL_FLAGS if old.get(k, "") != new[k]]
+            stale = [name for name in _EVAL_OUTPUTS if os.path.exists(path(name))]
+            if evals and stale:
+                dest = _move_aside(stale)
+                wd.say(f"evaluation settings changed ({', '.join(evals)}): moved {', '.join(stale)} "
+                       f"(made with the old settings) to {dest}; the condensation is kept")
+            wd.say(f"workdir {FLAGS.workdir} exists with the same settings: resuming")
+    return old
+
+
+def _write_flags(old):
+    """Writes flags.txt; its --phases is the union with the recorded run's, in phase order, so
+    replaying the file reruns (and so resumes) every phase, not only the last partial rerun's."""
+    text = cli.flags_file_text()
+    if old is not None:
+        recorded = set(old.get("phases", "").split(",")) | set(FLAGS.phases)
+        text = re.sub(r"(?m)^--phases=.*$", "--phases=" + ",".join(p for p in cli.PHASES if p in recorded),
+                      text)
+    wd.atomic_write_text(path("flags.txt"), text)
+
+
+def _check_data(real):
+    """Data-dependent flag checks, before any expert or condensation work."""
+    from esp_tf.synthetic import LatentSynthetic
+    needs = {}
+    if FLAGS.baselines:      # random and herding pick --ipc distinct real images per class
+        needs[f"--baselines={','.join(FLAGS.baselines)}"] = FLAGS.ipc
+    if FLAGS.init == "real" and FLAGS.param == "pixels":
+        needs["--init=real"] = FLAGS.ipc
+    elif FLAGS.init == "real":
+        try:
+            needs["--init=real"] = LatentSynthetic.codes_per_class_for(
+                FLAGS.ipc, real.image_shape, real.num_classes, num_decoders=FLAGS.num_decoders,
+                downsample=FLAGS.latent_downsample)
+        except ValueError as e:
+            raise wd.UserError(str(e)) from e
+    smallest = int(real.train_counts.min())
+    for what, need in needs.items():
+        if need > smallest:
+            raise wd.UserError(
+                f"--ipc={FLAGS.ipc} needs {need} distinct real images per class for {what}, but the "
+                f"smallest class of {real.name} has {smallest} train images; lower --ipc")
 
 
 def _setup():
@@ -67,7 +176,8 @@ def _setup():
     from esp_tf import data as data_lib, models
     tf.config.set_soft_device_placement(True)
     try:
-        real = data_lib.load(FLAGS.dataset, FLAGS.data_dir, val_per_class=FLAGS.val_per_class)
+        real = data_lib.load(FLAGS.dataset, FLAGS.data_dir, val_per_class=FLAGS.val_per_class,
+                             download=FLAGS.download)
     except ValueError as e:
         if FLAGS.val_per_class and "val_per_class" in str(e):
             raise wd.UserError(f"--{e}") from e
@@ -89,7 +199,7 @@ def phase_experts(real, net):
     config = cli.expert_config()
     store = TrajectoryStore(cli.experts_dir())
     meta = experts.expert_meta(net, FLAGS.model, cli.model_config(), real.train_identity, real.num_classes,
-                               config)
+                               config, seed=FLAGS.seed)
     finished = [k for k in store.completed() if k < FLAGS.num_experts] if os.path.isdir(store.directory) else []
     bar = wd.Progress("experts", FLAGS.num_experts, done=len(finished))
 
@@ -164,10 +274,15 @@ def phase_evaluate(real, net, store, images, labels):
             continue
         bar = wd.Progress(f"eval {method}", FLAGS.eval_runs)
 
+        # The classifier of an earlier --eval_arch is kept: another architecture gets its own folder.
+        classifier = path("saved_model", "classifier")
+        if os.path.exists(classifier):
+            classifier = path("saved_model", f"classifier_{config.arch}")
+
         def export_first(i, model, acc, method=method):
             if i == 0 and method == FLAGS.method:     # the classifier trained on the condensed set
-                saved_models.export_classifier(model, real.mean, real.std, path("saved_model", "classifier"))
-                wd.say(f"export: classifier SavedModel {path('saved_model', 'classifier')} "
+                saved_models.export_classifier(model, real.mean, real.std, classifier)
+                wd.say(f"export: classifier SavedModel {classifier} "
                        f"(seed {FLAGS.seed}, test accuracy {acc:.2f}%, signature 'serve' takes uint8)")
 
         res = evaluate.evaluate(np.asarray(x), np.asarray(y), test_x, real.test_labels, real.num_classes,
@@ -217,10 +332,13 @@ def main(argv):
     if not FLAGS["verbosity"].present:      # library INFO chatter off unless asked for
         logging.set_verbosity(logging.WARNING)
     import tensorflow_datasets as tfds
+    from esp_tf import condensed
     tfds.disable_progress_bar()
-    prepare_workdir()
+    old = prepare_workdir()
     t0 = time.time()
     real, net = _setup()
+    _check_data(real)
+    _write_flags(old)      # the run has really started: flags and data are valid
     phases = FLAGS.phases
     store = meta = None
     needs_experts = FLAGS.method != "dm" or "herding" in FLAGS.baselines
@@ -230,8 +348,7 @@ def main(argv):
     if "condense" in phases:
         images, labels, synthetic = phase_condense(real, net, store, meta)
     elif os.path.exists(path("synthetic.npz")):
-        saved = np.load(path("synthetic.npz"))
-        images, labels = saved["images"], saved["labels"]
+        images, labels = condensed.read_synthetic(path("synthetic.npz"))
     results = {}
     if images is not None and "evaluate" in phases:
         results = phase_evaluate(real, net, store, images, labels)
@@ -245,10 +362,30 @@ def main(argv):
 def run():
     from esp_tf.data import DatasetNotFoundError
     from esp_tf.trajectories import TrajectoryError
+    verbose = lambda: FLAGS.is_parsed() and FLAGS.verbose     # noqa: E731
     try:
-        app.run(main)
-    except (wd.UserError, DatasetNotFoundError, TrajectoryError) as e:   # no traceback, exit 2
-        wd.fail(str(e))
+        app.run(main, flags_parser=wd.parse_argv)
+    except (wd.UserError, DatasetNotFoundError, TrajectoryError, OSError) as e:   # no traceback, exit 2
+        if verbose():
+            traceback.print_exc()
+        wd.fail(str(e) if not isinstance(e, OSError) else
+                f"{e.strerror or e}: {e.filename or ''} (free disk space or fix the permissions, then "
+                "rerun the same command: it resumes)")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if verbose():
+            traceback.print_exc()
+        wd.fail("interrupted. Rerun the same command to resume: finished experts and phases are kept "
+                "and the condensation continues from its last checkpoint.")
+        sys.exit(130)      # the shell's convention for a SIGINT exit
+    except Exception as e:
+        tf = sys.modules.get("tensorflow")       # imported by then if the error comes from it
+        if tf is None or not isinstance(e, tf.errors.ResourceExhaustedError):
+            raise
+        if verbose():                            # a full disk under a checkpoint write, or memory
+            traceback.print_exc()
+        wd.fail(f"{e.message.splitlines()[0][:300]}: out of disk space or memory. Free some and rerun "
+                "the same command: it resumes from the last checkpoint.")
         sys.exit(2)
 
 

@@ -59,7 +59,7 @@ class TrajectoryMeta:
     num_classes: int
     layout: tuple                # ((name, shape), ...) of the flattened parameters, in order
     epochs: int                  # snapshots per expert = epochs + 1
-    train_config: dict = dataclasses.field(default_factory=dict)   # informational, never checked
+    train_config: dict = dataclasses.field(default_factory=dict)   # the recipe: lr, batch, dsa, seed...
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -98,22 +98,43 @@ _CHECKED = ("model", "model_config", "dataset", "input_shape", "num_classes", "l
             "format_version")
 
 
-def _mismatches(found: TrajectoryMeta, expected: TrajectoryMeta, fields=_CHECKED) -> list:
-    return [f"{f}: found {getattr(found, f)!r}, expected {getattr(expected, f)!r}"
-            for f in fields if getattr(found, f) != getattr(expected, f)]
+_warned_unknown = set()     # stores already warned about (one warning per store and process)
+
+
+def _mismatches(found: TrajectoryMeta, expected: TrajectoryMeta, fields=_CHECKED, where="") -> list:
+    problems = [f"{f}: found {getattr(found, f)!r}, expected {getattr(expected, f)!r}"
+                for f in fields if getattr(found, f) != getattr(expected, f)]
+    return problems + _recipe_mismatches(found, expected, where)
+
+
+def _recipe_mismatches(found: TrajectoryMeta, expected: TrajectoryMeta, where: str) -> list:
+    """Differing training-recipe fields (train_config). A field the store does not record (stores
+    written before the recipe was checked lack some) is unknown: accepted, with one warning."""
+    problems, unknown = [], []
+    for key, want in sorted(expected.train_config.items()):
+        if key not in found.train_config:
+            unknown.append(key)
+        elif found.train_config[key] != want:
+            problems.append(f"train_config.{key}: found {found.train_config[key]!r}, expected {want!r}")
+    if unknown and where not in _warned_unknown:
+        _warned_unknown.add(where)
+        logging.warning("expert store %s does not record the recipe field(s) %s: reused as is, "
+                        "assuming they match this run", where or "<unknown>", ", ".join(unknown))
+    return problems
 
 
 def _raise_incompatible(problems, where):
     raise TrajectoryError(
-        f"expert trajectories in {where or '<unknown>'} do not match this run:\n  "
-        + "\n  ".join(problems)
-        + "\nUse another --experts_dir, or delete that directory to regenerate the experts.")
+        f"expert trajectories in {where or '<unknown>'} do not match this run: "
+        + "; ".join(problems)
+        + ". They are kept: use another --experts_dir for this run's experts, or the settings "
+        "(--expert_*, --seed, model, dataset) that trained these.")
 
 
 def check_compatible(found: TrajectoryMeta, expected: TrajectoryMeta, *,
                      min_epochs: int | None = None, where: str = "") -> None:
-    """Raises TrajectoryError listing every mismatched field (train_config is not compared)."""
-    problems = _mismatches(found, expected)
+    """Raises TrajectoryError listing every mismatched field (train_config: the fields recorded)."""
+    problems = _mismatches(found, expected, where=where)
     if min_epochs is not None and found.epochs < min_epochs:
         problems.append(f"epochs: found {found.epochs}, need at least {min_epochs} "
                         f"(request fewer snapshots or regenerate with more epochs)")
@@ -146,7 +167,7 @@ class TrajectoryStore:
         """Creates the directory with `meta`, or checks an existing one (epochs must match too)."""
         if os.path.exists(self.meta_path):
             found = self.read_meta()
-            problems = _mismatches(found, meta, _CHECKED + ("epochs",))
+            problems = _mismatches(found, meta, _CHECKED + ("epochs",), where=self.meta_path)
             if problems:
                 _raise_incompatible(problems, self.meta_path)
             return
@@ -199,7 +220,13 @@ class TrajectoryStore:
                 writer.flush()
             finally:
                 writer.close()
-        self._atomic_write(os.path.basename(path), write_records)
+        try:
+            self._atomic_write(os.path.basename(path), write_records)
+        except (OSError, tf.errors.OpError) as e:      # e.g. a full disk (ResourceExhausted, ENOSPC)
+            why = (e.strerror or str(e)) if isinstance(e, OSError) else type(e).__name__ + ": " + e.message
+            raise TrajectoryError(f"could not write {path} ({why}); no partial file was left. Free "
+                                  f"disk space (or point --experts_dir at another disk) and rerun: "
+                                  f"finished experts are kept.") from e
         return path
 
     def read(self, k: int, num_snapshots: int | None = None) -> np.ndarray:

@@ -145,3 +145,13 @@ def parse_flags_file(path: str) -> dict:
 
 def fail(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+def parse_argv(argv):
+    """absl.app.run's `flags_parser` for the entry points: an unknown or unparsable flag becomes
+    a UserError (one line, exit 2) instead of absl's two-line message with exit code 1."""
+    from absl import flags
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        raise UserError(f"{e}. `--helpfull` lists every flag") from e

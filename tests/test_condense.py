@@ -75,10 +75,14 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_last_checkpoint(
     condense.run(real, net, trajs, _settings(tmp_path, iterations=2, clip_pixels=False))
     before = tf.train.latest_checkpoint(str(tmp_path / "ckpt"))
     blown = _settings(tmp_path, iterations=6, lr_pixels=1e38, clip_pixels=False)
-    with pytest.raises(wd.UserError, match=r"loss became (nan|inf).*NOT saved.*Lower --lr_pixels"):
+    with pytest.raises(wd.UserError, match=r"(loss|set) became non-finite.* at iteration 3;"
+                       r" it was not checkpointed or saved.*--inner_lr, --lr_pixels.* or --beta"):
         condense.run(real, net, trajs, blown)
     assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")) == before
     assert before.endswith("-2")
+    assert condense._checkpoint_problem(before) is None          # finite and intact
+    assert not (tmp_path / "synthetic.npz").exists() or np.isfinite(
+        np.load(tmp_path / "synthetic.npz")["images"]).all()
 
 
 def test_a_checkpoint_of_another_configuration_is_refused_clearly(tmp_path):

@@ -16,7 +16,7 @@ FLAGS = ["--num_experts=1", "--expert_epochs=2", "--max_start_epoch=1", "--segme
 
 def _cmd(work, tmp_path):
     return [sys.executable, "-m", "esp_tf.train", f"--workdir={work}", f"--data_dir={tmp_path / 'tfds'}",
-            f"--experts_dir={tmp_path / 'experts'}"] + FLAGS
+            f"--experts_dir={tmp_path / 'experts'}", "--nodownload"] + FLAGS
 
 
 def _env():

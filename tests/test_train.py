@@ -17,7 +17,7 @@ TINY = ["--num_experts=2", "--expert_epochs=2", "--max_start_epoch=1", "--segmen
 
 def _run(args, tmp_path, check=True):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    cmd = [sys.executable, "-m", "esp_tf.train", f"--data_dir={tmp_path / 'tfds'}"] + args
+    cmd = [sys.executable, "-m", "esp_tf.train", f"--data_dir={tmp_path / 'tfds'}", "--nodownload"] + args
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-5000:]}")

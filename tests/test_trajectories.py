@@ -90,7 +90,22 @@ def test_metadata_json_round_trip_is_exact():
 
 def test_store_metadata_is_what_was_initialized(store):
     assert store.read_meta() == make_meta()
-    store.initialize(make_meta(train_config={"lr": 0.5}))   # informational fields are not checked
+    store.initialize(make_meta())
+
+
+def test_a_store_trained_with_another_recipe_is_refused_naming_the_fields(store):
+    with pytest.raises(TrajectoryError, match=r"train_config.lr: found 0.01, expected 0.5") as err:
+        store.initialize(make_meta(train_config={"lr": 0.5, "batch_size": 256}))
+    assert "batch_size" not in str(err.value)
+    with pytest.raises(TrajectoryError, match=r"train_config.batch_size: found 256, expected 64"):
+        store.load(make_meta(train_config={"lr": 0.01, "batch_size": 64}), num_snapshots=2)
+
+
+def test_recipe_fields_a_store_does_not_record_are_unknown_and_accepted(store, caplog):
+    # stores written before the recipe was checked lack e.g. the seed: reused, with a warning
+    store.initialize(make_meta(train_config={"lr": 0.01, "batch_size": 256, "seed": 3}))
+    assert store.read_meta().train_config == {"lr": 0.01, "batch_size": 256}   # not rewritten
+    assert "does not record the recipe field(s) seed" in caplog.text
 
 
 def test_missing_or_unparsable_metadata_is_a_trajectory_error(tmp_path):
@@ -209,7 +224,8 @@ def test_failure_during_write_leaves_no_final_and_no_temp_file(store, monkeypatc
             self._w.close()
 
     monkeypatch.setattr(tf.io, "TFRecordWriter", FailingWriter)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(TrajectoryError, match=r"could not write .*expert_00000.tfrecord \(disk full "
+                       r"\(simulated\)\).*disk space"):
         store.write(0, awkward_snapshots(7))
     assert sorted(os.listdir(store.directory)) == ["metadata.json"]
     assert store.completed() == []
