@@ -359,13 +359,21 @@ def main(argv):
     wd.say(f"done in {time.time() - t0:.0f}s; workdir {FLAGS.workdir}")
 
 
-def run():
+def _user_errors() -> tuple:
+    """The errors that are the user's to fix. Imported only once one is raised: importing
+    esp_tf.data loads TensorFlow, which --help must not wait for."""
     from esp_tf.data import DatasetNotFoundError
     from esp_tf.trajectories import TrajectoryError
+    return wd.UserError, DatasetNotFoundError, TrajectoryError, OSError
+
+
+def run():
     verbose = lambda: FLAGS.is_parsed() and FLAGS.verbose     # noqa: E731
     try:
-        app.run(main, flags_parser=wd.parse_argv)
-    except (wd.UserError, DatasetNotFoundError, TrajectoryError, OSError) as e:   # no traceback, exit 2
+        app.run(main, flags_parser=wd.flags_parser(__doc__, cli.__name__))
+    except SystemExit:          # --help, usage errors: before the clauses below import anything
+        raise
+    except _user_errors() as e:   # no traceback, exit 2
         if verbose():
             traceback.print_exc()
         wd.fail(str(e) if not isinstance(e, OSError) else

@@ -147,6 +147,23 @@ def fail(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr, flush=True)
 
 
+HELP_FLAGS = ("-h", "-?", "--help", "--helpshort")
+
+
+def flags_parser(doc: str, module_name: str):
+    """An absl `flags_parser` for a tool: --help prints `doc` and the flags `module_name` defines
+    (not absl's "Try --helpfull", nor TensorFlow's own flags), before anything heavy is imported;
+    other arguments go to `parse_argv`."""
+    def parse(argv):
+        if any(a in HELP_FLAGS for a in argv[1:]):
+            from absl import flags
+            print(doc.strip() + "\n\nFlags (--helpfull adds those of the libraries):\n"
+                  + flags.FLAGS.module_help(module_name), flush=True)
+            sys.exit(0)
+        return parse_argv(argv)
+    return parse
+
+
 def parse_argv(argv):
     """absl.app.run's `flags_parser` for the entry points: an unknown or unparsable flag becomes
     a UserError (one line, exit 2) instead of absl's two-line message with exit code 1."""

@@ -102,3 +102,13 @@ def test_default_run_renders_valid_pixels_and_the_uint8_export_clips_nothing(fin
     meta = tfds.builder_from_directory(str(version_dir)).info.metadata
     assert meta["fraction_clipped_in_uint8"] == 0
     assert "WARNING" not in out.stdout
+
+
+def test_help_lists_the_tools_own_flags_without_loading_tensorflow():
+    code = ("import sys, atexit; atexit.register(lambda: print('TF loaded:', 'tensorflow' in sys.modules)); "
+            "sys.argv = ['esp-train', '--help']; from esp_tf import train; train.run()")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "--val_per_class" in out.stdout and "--dm_reduction" in out.stdout and "--ipc" in out.stdout
+    assert "--only_check_args" not in out.stdout        # not absl's own flags (--helpfull has them)
+    assert out.stdout.rstrip().endswith("TF loaded: False")
