@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from esp_tf import augment, data as data_lib
+from esp_tf import augment, data as data_lib, workdir as wd
 from esp_tf.models import FlatModel
 from esp_tf.trajectories import TrajectoryMeta, TrajectoryStore
 
@@ -65,9 +65,10 @@ def test_accuracy(net: FlatModel, theta, real: data_lib.RealData, correct_fn=Non
 
 
 def _save_partial(path: str, snapshots, velocity, step: int) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, snapshots=np.stack(snapshots), velocity=velocity, step=step)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "wb") as f:      # a file object: np.savez would append ".npz" to a name
+            np.savez(f, snapshots=np.stack(snapshots), velocity=velocity, step=step)
+    wd.atomic_write(path, write)
 
 
 def train_expert(net: FlatModel, real: data_lib.RealData, config: ExpertConfig, seed: int,

@@ -17,7 +17,8 @@ import tensorflow as tf
 
 
 def _write_atomic(module: tf.Module, path: str, signatures: dict) -> str:
-    """tf.saved_model.save into a sibling temp dir, then swap it into place."""
+    """tf.saved_model.save into a sibling temp dir, then swap it into place (a SavedModel is a
+    directory, so this is the directory counterpart of workdir.atomic_write)."""
     path = os.path.abspath(path)
     tmp = path + ".tmp"
     if os.path.exists(tmp):

@@ -19,11 +19,12 @@ import math
 import os
 import re
 import time
-import uuid
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
+
+from esp_tf import workdir as wd
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -176,7 +177,7 @@ class TrajectoryStore:
             raise TrajectoryError(
                 f"{self.directory} holds expert files but no {METADATA_FILE}, so nothing says what "
                 f"they were trained on; delete the directory or use another --experts_dir.")
-        self._atomic_write(METADATA_FILE, lambda tmp: _write_text(tmp, meta.to_json()))
+        wd.atomic_write_text(os.path.join(self.directory, METADATA_FILE), meta.to_json())
 
     def read_meta(self) -> TrajectoryMeta:
         if not os.path.exists(self.meta_path):
@@ -293,25 +294,6 @@ class TrajectoryStore:
                                   f"{_REGENERATE}.")
 
     def _atomic_write(self, name, write_fn):
-        """Runs write_fn(tmp) on a temp file in the directory, then renames it to `name`.
-
-        A temp file in the same directory makes os.replace atomic: readers see either no file or a
-        complete one, and completed() never counts a file from a crashed or killed writer.
-        """
-        # A unique name, created by write_fn with the umask's permissions (mkstemp would give 0600
-        # and make experts unreadable to the other users of a shared directory).
-        tmp = os.path.join(self.directory, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            write_fn(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())   # data on disk before the rename makes it visible
-            os.replace(tmp, os.path.join(self.directory, name))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-
-
-def _write_text(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+        """Runs write_fn(tmp) on a temp file in the directory, then renames it to `name`
+        (workdir.atomic_write): completed() never counts a file from a crashed or killed writer."""
+        wd.atomic_write(os.path.join(self.directory, name), write_fn)

@@ -7,32 +7,41 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
+import uuid
 
 
 class UserError(Exception):
     """A problem the user can fix (bad flags, missing data, incompatible workdir): no traceback."""
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes data to path via a temp file in the same directory, fsync and os.replace."""
+def atomic_write(path: str, write_fn) -> None:
+    """The one file writer of esp_tf: `write_fn(tmp)` writes a unique temp file in the target's
+    folder, which is fsynced and renamed to `path`. A rename within one folder is atomic, so
+    readers (and a resumed run) see no file or a complete one, never a truncated one, and a
+    crashed or killed writer leaves only a hidden `.tmp` file that no reader picks up. The temp
+    file is created by `write_fn` itself, so it gets the umask's usual permissions (0644), not
+    mkstemp's 0600, and files stay readable to the other users of a shared folder.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)     # mkstemp's 0600 -> the usual permissions of a new file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())      # data on disk before the rename makes it visible
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, write)
 
 
 def atomic_write_text(path: str, text: str) -> None:
