@@ -282,3 +282,11 @@ def test_make_synthetic_bounds_renders_to_the_real_pixel_range_unless_turned_off
     lo, hi = data_lib.pixel_range(real)
     np.testing.assert_allclose([lo[0], hi[0]], [-2.0, 2.0])
     assert (x.min() >= -2.0 and x.max() <= 2.0) == clip
+
+
+def test_latent_plan_states_the_unspent_budget():
+    from esp_tf.synthetic import latent_plan
+    plan = latent_plan(1, (32, 32, 3), 10)          # CIFAR-10 IPC 1
+    assert plan["budget_per_class"] == 3072 and round(plan["params_per_class"]) == 2662
+    assert plan["unused_per_class"] == plan["budget_per_class"] - plan["params_per_class"]
+    assert plan["unused_fraction"] == round(1 - 2662 / 3072, 4)
