@@ -72,6 +72,9 @@ flags.DEFINE_enum("lr_schedule", "linear", ["linear", "constant"], "Synthetic lr
 flags.DEFINE_bool("dsa", True, "Differentiable Siamese augmentation during condensation.")
 flags.DEFINE_bool("clip_pixels", True, "Clip synthetic renders to the real pixel range 0..255 (valid "
                   "images for uint8 export and BatchNorm networks); --noclip_pixels: unbounded.")
+flags.DEFINE_enum("range_map", "clip", ["clip", "tanh"], "How --clip_pixels keeps renders inside the "
+                  "pixel range: clip (a value at a bound gets no gradient), or tanh (a smooth map into "
+                  "the range; every value keeps its gradient).")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the ESP step (recommended on GPU).")
 flags.DEFINE_integer("ckpt_every", 50, "Checkpoint the synthetic set every this many iterations.")
 flags.DEFINE_integer("log_every", 10, "Log metrics every this many iterations.")
@@ -155,10 +158,15 @@ def expert_config():
 
 
 def eval_arch() -> str:
-    """--eval_arch, else the condensation network: convnet<depth> for the ConvNet family."""
+    """--eval_arch, else the condensation network: convnet<depth> for the ConvNet family (ConvNet-3
+    where no standard ConvNet of that depth is registered, e.g. the tests' tiny depth-2 nets)."""
     if FLAGS.eval_arch:
         return FLAGS.eval_arch
-    return f"convnet{FLAGS.depth}" if FLAGS.model in ("convnet", "convnet3") else FLAGS.model
+    if FLAGS.model not in ("convnet", "convnet3"):
+        return FLAGS.model
+    from esp_tf import models
+    name = f"convnet{FLAGS.depth}"     # the field's ConvNet-3 / ConvNet-4 (width 128)
+    return name if name in models.ARCHS else "convnet3"
 
 
 def eval_config():
@@ -192,6 +200,7 @@ def condense_settings():
                             lr_codes=FLAGS.lr_codes, lr_decoders=FLAGS.lr_decoders,
                             num_decoders=FLAGS.num_decoders, latent_downsample=FLAGS.latent_downsample,
                             lr_schedule=FLAGS.lr_schedule, clip_pixels=FLAGS.clip_pixels,
+                            range_map=FLAGS.range_map,
                             seed=FLAGS.seed, ckpt_every=FLAGS.ckpt_every, log_every=FLAGS.log_every,
                             jit_compile=FLAGS.jit_compile)
 

@@ -53,7 +53,8 @@ class CondenseSettings:
     num_decoders: int = 4            # latents: decoders shared by all classes
     latent_downsample: int = 2       # latents: codes are H/f x W/f
     lr_schedule: str = "linear"      # linear decay to 0 over all updates (paper 4.2), or constant
-    clip_pixels: bool = True         # renders clipped to the real pixel range [0, 255] (synthetic.py)
+    clip_pixels: bool = True         # renders kept inside the real pixel range [0, 255] (synthetic.py)
+    range_map: str = "clip"          # ... by clipping, or "tanh": a smooth map that keeps every gradient
     seed: int = 0
     ckpt_every: int = 50
     log_every: int = 10
@@ -86,11 +87,12 @@ def make_synthetic(real: data_lib.RealData, s: CondenseSettings):
             raise wd.UserError(str(e)) from e
         return LatentSynthetic(real.num_classes, s.ipc, real.image_shape, init=s.init,
                                real_images=real_init(real, s, n), seed=s.seed, pixel_range=bounds,
-                               **design)
+                               range_map=s.range_map, **design)
     if s.param != "pixels":
         raise ValueError(f"param must be pixels or latents, got {s.param!r}")
     return PixelSynthetic(real.num_classes, s.ipc, real.image_shape, init=s.init,
-                          real_images=real_init(real, s, s.ipc), seed=s.seed, pixel_range=bounds)
+                          real_images=real_init(real, s, s.ipc), seed=s.seed, pixel_range=bounds,
+                          range_map=s.range_map)
 
 
 def updates_per_iteration(s: CondenseSettings) -> int:

@@ -34,6 +34,10 @@ from esp_tf.cli import FLAGS
 # choices (eval.json holds one cell per method and architecture; exports are named).
 _RERUN_SAFE = {"phases", "log_every", "ckpt_every", "restart", "jit_compile", "data_dir", "experts_dir",
                "workdir", "download", "verbose", "eval_arch", "baselines", "export_name"}
+# Flags added after workdirs existed, with the value that reproduces what a run from before them
+# did: a flags.txt without the flag is compared as if it held that value. (dm_reduction: those
+# runs summed L_DM, so they resume only with --dm_reduction=sum, and the refusal names it.)
+_ADDED_FLAGS = {"val_per_class": "0", "dm_reduction": "sum", "range_map": "clip", "eval_arch": ""}
 # Evaluation settings: changing them keeps the condensation, and moves aside the outputs they made.
 _EVAL_FLAGS = ("eval_epochs", "eval_runs", "eval_batch", "eval_lr", "eval_dsa")
 _EVAL_OUTPUTS = ("eval.json", os.path.join("saved_model", "classifier"), "tfds")
@@ -116,7 +120,8 @@ def prepare_workdir():
             "made them, so they cannot be resumed or reported under these flags. Use another "
             f"--workdir, or pass --restart ({_MOVE_ASIDE}).")
     elif old is not None:
-        changed = {k for k in new if k not in _RERUN_SAFE and k not in _EVAL_FLAGS and old.get(k, "") != new[k]}
+        recorded = lambda k: old.get(k, _ADDED_FLAGS.get(k, ""))       # noqa: E731
+        changed = {k for k in new if k not in _RERUN_SAFE and k not in _EVAL_FLAGS and recorded(k) != new[k]}
         if changed and any(name in _FINISHED for name in results):
             raise wd.UserError(
                 f"{FLAGS.workdir} holds a run with other settings ({', '.join(sorted(changed))} differ "

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import REPO
 
-TINY = ["--num_experts=1", "--expert_epochs=2", "--max_start_epoch=0", "--segment_length=2",
+TINY = ["--num_experts=1", "--expert_epochs=2", "--max_start_epoch=1", "--segment_length=2",
         "--iterations=2", "--inner_steps=1", "--real_per_class=4", "--eval_epochs=1", "--eval_runs=1",
         "--width=4", "--depth=2", "--log_every=1", "--ckpt_every=1", "--baselines=random",
         "--eval_arch=convnet_tiny", "--nodownload"]

@@ -290,3 +290,37 @@ def test_latent_plan_states_the_unspent_budget():
     assert plan["budget_per_class"] == 3072 and round(plan["params_per_class"]) == 2662
     assert plan["unused_per_class"] == plan["budget_per_class"] - plan["params_per_class"]
     assert plan["unused_fraction"] == round(1 - 2662 / 3072, 4)
+
+
+@pytest.mark.parametrize("param", ["pixels", "latents"])
+def test_tanh_range_map_keeps_renders_inside_the_range_and_every_gradient(param):
+    lo, hi = -1.0, 1.5
+    if param == "pixels":
+        start = np.linspace(-3, 3, C * IPC * HW * HW).reshape(C * IPC, HW, HW, 1).astype(np.float32)
+        syn = PixelSynthetic(C, IPC, (HW, HW, 1), init="gaussian", pixel_range=(lo, hi), range_map="tanh")
+        syn.images.assign(start)
+        variables = [syn.images]
+    else:
+        syn = _tiny(seed=3, pixel_range=(lo, hi), range_map="tanh")
+        syn.codes.assign(3.0 * syn.codes)
+        variables = [syn.codes]
+    with tf.GradientTape() as tape:
+        x, _ = syn.render()
+        loss = tf.reduce_sum(x * tf.random.stateless_normal(x.shape, [1, 2]))
+    x = x.numpy()
+    assert x.min() > lo and x.max() < hi                        # strictly inside, never at a bound
+    g = tape.gradient(loss, variables)[0].numpy()
+    assert np.all(g != 0)                                       # no value loses its gradient
+    if param == "pixels":   # slope 1 at the centre of the range: the map is identity-like there
+        centre = np.abs(start - 0.25) < 0.05
+        np.testing.assert_allclose(x[centre], start[centre], atol=2e-3)
+
+
+def test_tanh_range_map_renders_a_real_image_init_as_that_image():
+    lo, hi = -1.0, 1.5
+    real = np.linspace(lo, hi, C * IPC * HW * HW).reshape(C * IPC, HW, HW, 1).astype(np.float32)  # bounds included
+    syn = PixelSynthetic(C, IPC, (HW, HW, 1), init="real", real_images=real, pixel_range=(lo, hi),
+                         range_map="tanh")
+    np.testing.assert_allclose(syn.render()[0].numpy(), real, atol=1.5e-3 * (hi - lo))
+    with pytest.raises(ValueError, match="range_map"):
+        PixelSynthetic(C, IPC, (HW, HW, 1), init="gaussian", pixel_range=(lo, hi), range_map="sigmoid")
