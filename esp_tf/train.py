@@ -37,7 +37,7 @@ _RERUN_SAFE = {"phases", "log_every", "ckpt_every", "restart", "jit_compile", "d
 # Flags added after workdirs existed, with the value that reproduces what a run from before them
 # did: a flags.txt without the flag is compared as if it held that value. (dm_reduction: those
 # runs summed L_DM, so they resume only with --dm_reduction=sum, and the refusal names it.)
-_ADDED_FLAGS = {"val_per_class": "0", "dm_reduction": "sum", "range_map": "clip", "eval_arch": ""}
+_ADDED_FLAGS = {"val_per_class": "0", "dm_reduction": "sum", "range_map": "clip"}
 # Evaluation settings: changing them keeps the condensation, and moves aside the outputs they made.
 _EVAL_FLAGS = ("eval_epochs", "eval_runs", "eval_batch", "eval_lr", "eval_dsa")
 _EVAL_OUTPUTS = ("eval.json", os.path.join("saved_model", "classifier"), "tfds")

@@ -202,6 +202,7 @@ def test_2_no_intact_checkpoint_is_an_error_that_keeps_the_results(run_copy):
     (["--eval_arch=resnet18"], ["--eval_arch", "resnet18", "resnet10"]),
     (["--ipc=301"], ["--ipc=301", "300 train images"]),
     (["--dataset=fashion_mnst"], ["fashion_mnst"]),
+    (["--val_per_class=300"], ["--val_per_class=300", "smallest class", "use fewer"]),
 ])
 def test_3_bad_settings_fail_before_any_work_and_write_no_flags_txt(tmp_path, bad, words):
     work = tmp_path / "w"
