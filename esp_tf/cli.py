@@ -5,10 +5,14 @@ explicit arguments. Every default carries its reason.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import typing
 
 from absl import flags
+
+from esp_tf.methods import NAMES as METHOD_NAMES
 
 FLAGS = flags.FLAGS
 PHASES = ("experts", "condense", "evaluate", "export")
@@ -38,32 +42,37 @@ flags.DEFINE_integer("expert_batch", 256, "Expert batch size.")
 flags.DEFINE_bool("expert_dsa", True, "DSA augmentation while training experts (MTT: on).")
 
 # -- ESP condensation --------------------------------------------------------------------
-flags.DEFINE_enum("method", "esp", ["esp", "dm", "tm"],
-                  "Condensation method: esp, or the baselines dm (distribution matching) and tm (MTT).")
+flags.DEFINE_enum("method", "esp", list(METHOD_NAMES),
+                  "Condensation method (esp_tf.methods): esp, or the baselines dm (distribution "
+                  "matching) and tm (MTT). Flags marked 'method setting' default to the method's own.")
 flags.DEFINE_enum("param", "pixels", ["pixels", "latents"],
                   "Synthetic-set parameterisation: pixels, or latent codes + shared decoders (paper 4.2, after KFS).")
 flags.DEFINE_integer("ipc", 1, "Images per class of the condensed set (the storage budget).")
 flags.DEFINE_enum("init", "real", ["real", "gaussian"], "Synthetic init: real images or Gaussian noise (paper).")
 flags.DEFINE_integer("iterations", 1000, "Outer iterations; each picks a new expert segment.")
-flags.DEFINE_integer("inner_steps", 10, "N: projected student steps (= synthetic updates) per iteration.")
+flags.DEFINE_integer("inner_steps", None, "Method setting. esp: N projected student steps (= synthetic "
+                     "updates) per iteration; tm: unrolled student steps per update.")
 flags.DEFINE_integer("segment_length", 2, "T: expert epochs spanned by one subspace (T+1 snapshots).")
 flags.DEFINE_integer("max_start_epoch", 20, "Segments start at an epoch drawn from 0..this-1 (exclusive, "
                      "as MTT's max_start_epoch); experts need this - 1 + --segment_length epochs.")
-flags.DEFINE_float("beta", 1e-5, "Weight of the projection loss (paper 4.2).")
-flags.DEFINE_float("inner_lr", 0.1, "Projected-SGD student learning rate (paper 4.2).")
-flags.DEFINE_list("losses", ["proj", "dm"], "Outer losses: proj, dm or both (paper Table 4).")
-flags.DEFINE_enum("dm_reduction", "element_mean", ["sum", "class_mean", "element_mean"],
-                  "How ESP's L_DM reduces the squared distances of class-mean embeddings: sum over "
+flags.DEFINE_float("beta", None, "Method setting (esp). Weight of the projection loss (paper 4.2).")
+flags.DEFINE_float("inner_lr", None, "Method setting (esp). Projected-SGD student learning rate (paper 4.2).")
+flags.DEFINE_list("losses", None, "Method setting (esp). Outer loss terms: proj, dm or both (paper "
+                  "Table 4); default both.")
+flags.DEFINE_enum("dm_reduction", None, ["sum", "class_mean", "element_mean"],
+                  "Method setting (esp). How ESP's L_DM reduces the squared distances of class-mean embeddings: sum over "
                   "classes and features (DM's code), class_mean (eq. 8 as written), element_mean "
                   "(MSE; chosen on a validation split, see BENCHMARKS.md). Sets what --beta means; "
                   "metrics.jsonl logs the resulting pull ratio ('pull').")
-flags.DEFINE_integer("real_per_class", 256, "Real images per class in each DM term (DM default 256).")
-flags.DEFINE_float("lr_pixels", None, "Learning rate of synthetic pixels; default per method: esp 0.01 "
-                   "(Adam), dm 1.0 (SGD, momentum 0.5, as DM), tm 100 (SGD, momentum 0.5, as MTT).")
-flags.DEFINE_integer("batch_syn", 0, "Synthetic images per update (0 = all): esp takes a random "
+flags.DEFINE_integer("real_per_class", None, "Method setting (esp, dm). Real images per class in each "
+                     "DM term.")
+flags.DEFINE_float("lr_pixels", None, "Learning rate of synthetic pixels; default: the method's own "
+                   "(Method.default_lr_pixels, with its optimizer: Adam for esp, SGD with momentum 0.5 for dm and tm).")
+flags.DEFINE_integer("batch_syn", None, "Method setting (esp, tm). Synthetic images per update (0 or "
+                     "unset = all): esp takes a random "
                      "class-balanced slice (the paper's Figure 8 study); tm per unrolled step (MTT's batch_syn).")
-flags.DEFINE_float("lr_teacher", 0.01, "tm: initial value of the learnable student lr (MTT).")
-flags.DEFINE_float("lr_lr", 1e-5, "tm: SGD lr of the learnable student lr (MTT).")
+flags.DEFINE_float("lr_teacher", None, "Method setting (tm). Initial value of the learnable student lr (MTT).")
+flags.DEFINE_float("lr_lr", None, "Method setting (tm). SGD lr of the learnable student lr (MTT).")
 flags.DEFINE_float("lr_codes", 0.1, "Adam lr of latent codes (paper 4.2; --param=latents).")
 flags.DEFINE_float("lr_decoders", 0.01, "Adam lr of the shared decoders (paper 4.2; --param=latents).")
 flags.DEFINE_integer("num_decoders", 4, "Shared decoders; images per class = codes x decoders (--param=latents).")
@@ -99,51 +108,119 @@ flags.DEFINE_bool("verbose", False, "On an error, show the Python traceback too.
 flags.DEFINE_string("export_name", None, "TFDS name of the exported set (default esp_<dataset>_ipc<k>).")
 
 
-def validate():
-    """Cross-flag checks with messages a user can act on."""
+# =====================================================================================
+# Settings: the flags above as one frozen value, for the library and the command line alike
+# =====================================================================================
+NAMES = tuple(f.name for f in FLAGS.get_flags_for_module(__name__))
+# Run options that are not settings of the result (not recorded in flags.txt).
+_NOT_RECORDED = ("restart", "verbose")
+Settings = dataclasses.make_dataclass(
+    "Settings", [(name, typing.Any) for name in NAMES], frozen=True,
+    namespace={"__doc__": "Every setting of an esp_tf run, one field per flag of `python -m "
+                          "esp_tf.train` (same name, same meaning; see --help). Make one with "
+                          "`esp_tf.cli.settings(**overrides)`."})
+_PATHS = ("data_dir", "workdir", "experts_dir")
+
+
+def _expand(values: dict) -> dict:
+    """`~` in path settings: bash leaves it alone after `=` (--data_dir=~/tensorflow_datasets)."""
+    return {k: os.path.expanduser(v) if k in _PATHS and v else v for k, v in values.items()}
+
+
+def settings(**overrides) -> Settings:
+    """Settings with every flag's default, `overrides` applied and the method settings resolved
+    (`resolve`). Raises UserError for an unknown name or a value the method rejects."""
+    from esp_tf import workdir as wd
+    unknown = sorted(set(overrides) - set(NAMES))
+    if unknown:
+        raise wd.UserError(f"unknown settings {', '.join(unknown)}; see python -m esp_tf.train --help")
+    values = {name: FLAGS[name].default for name in NAMES}
+    return resolve(Settings(**_expand({**values, **overrides})))
+
+
+def from_flags() -> Settings:
+    """The parsed command line as Settings (method settings resolved)."""
+    return resolve(Settings(**_expand({name: FLAGS[name].value for name in NAMES})))
+
+
+def method_config(s: Settings, name: str | None = None):
+    """The Config of method `name` (default s.method): its defaults, overridden by the method
+    settings given in `s` (those not None)."""
+    from esp_tf import methods
+    method = methods.get(name or s.method)
+    given = {field: _TO_CONFIG.get(flag, lambda v: v)(getattr(s, flag))
+             for flag, field in method.flag_fields.items() if getattr(s, flag) is not None}
+    return method.Config(dsa=_dsa(s.dsa), **given)
+
+
+# Method settings: flag values <-> config fields, where the two differ in type.
+_TO_CONFIG = {"losses": tuple, "batch_syn": lambda v: v or None}
+_TO_FLAG = {"losses": list, "batch_syn": lambda v: v or 0}
+
+
+def resolve(s: Settings) -> Settings:
+    """`s` with every method setting left None set to its default, so flags.txt records the
+    values a run used: s.method's own first, then each other registered method's (a setting
+    s.method does not read keeps the default of the first method that reads it). Raises
+    UserError, naming the flag, for a value the method's config rejects."""
+    from esp_tf import methods, workdir as wd
+    if s.method not in methods.NAMES:
+        raise wd.UserError(f"--method: unknown {s.method!r}; registered: {', '.join(methods.NAMES)}")
+    filled = {}
+    for name in (s.method, *[n for n in methods.NAMES if n != s.method]):
+        method = methods.get(name)
+        try:
+            config = method_config(s, name) if name == s.method else method.Config()
+        except ValueError as e:   # the config's message starts with its field: name the flag
+            fields = {field: flag for flag, field in method.flag_fields.items()}
+            first = str(e).split(" ", 1)[0]
+            raise wd.UserError(f"invalid flags: --{fields.get(first, 'method=' + s.method)}: {e}") from e
+        for flag, field in method.flag_fields.items():
+            if getattr(s, flag) is None and flag not in filled:
+                filled[flag] = _TO_FLAG.get(flag, lambda v: v)(getattr(config, field))
+    return dataclasses.replace(s, **filled)
+
+
+def validate(s: Settings) -> list:
+    """Cross-setting checks with messages a user can act on (flag names)."""
     errors = []
-    if not FLAGS.workdir:
+    if not s.workdir:
         errors.append("--workdir is required")
-    bad = [p for p in FLAGS.phases if p not in PHASES]
+    bad = [p for p in s.phases if p not in PHASES]
     if bad:
         errors.append(f"--phases: unknown {bad}; choose from {','.join(PHASES)}")
-    bad = [l for l in FLAGS.losses if l not in ("proj", "dm")]
-    if bad or not FLAGS.losses:
-        errors.append(f"--losses: {FLAGS.losses} must be a non-empty subset of proj,dm")
-    for name in ("ipc", "iterations", "inner_steps", "segment_length", "num_experts", "expert_epochs",
-                 "eval_epochs", "eval_runs", "real_per_class", "ckpt_every", "log_every", "num_decoders",
+    for name in ("ipc", "iterations", "segment_length", "num_experts", "expert_epochs",
+                 "eval_epochs", "eval_runs", "ckpt_every", "log_every", "num_decoders",
                  "latent_downsample"):
-        if getattr(FLAGS, name) < 1:
-            errors.append(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
-    if FLAGS.val_per_class < 0:
-        errors.append(f"--val_per_class must be >= 0, got {FLAGS.val_per_class}")
-    if FLAGS.max_start_epoch < 1:
+        if getattr(s, name) < 1:
+            errors.append(f"--{name} must be >= 1, got {getattr(s, name)}")
+    if s.val_per_class < 0:
+        errors.append(f"--val_per_class must be >= 0, got {s.val_per_class}")
+    if s.max_start_epoch < 1:
         errors.append("--max_start_epoch must be >= 1 (segments start at epochs 0..max_start_epoch-1)")
-    elif FLAGS.max_start_epoch - 1 + FLAGS.segment_length > FLAGS.expert_epochs:
-        errors.append(f"--max_start_epoch - 1 ({FLAGS.max_start_epoch - 1}) + --segment_length "
-                      f"({FLAGS.segment_length}) exceeds --expert_epochs ({FLAGS.expert_epochs})")
-    bad = [b for b in FLAGS.baselines if b not in ("random", "herding")]
+    elif s.max_start_epoch - 1 + s.segment_length > s.expert_epochs:
+        errors.append(f"--max_start_epoch - 1 ({s.max_start_epoch - 1}) + --segment_length "
+                      f"({s.segment_length}) exceeds --expert_epochs ({s.expert_epochs})")
+    bad = [b for b in s.baselines if b not in ("random", "herding")]
     if bad:
         errors.append(f"--baselines: unknown {bad}; available: random, herding")
-    if FLAGS.batch_syn < 0:
-        errors.append("--batch_syn must be >= 0 (0 = all synthetic images)")
-    for f in FLAGS.get_flags_for_module(__name__):      # NaN/inf would poison every update
-        if isinstance(f.value, float) and not math.isfinite(f.value):
-            errors.append(f"--{f.name} must be a finite number, got {f.value}")
+    for name in NAMES:                                   # NaN/inf would poison every update
+        value = getattr(s, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"--{name} must be a finite number, got {value}")
     from esp_tf import models                            # the registry models.build reads
-    for name, value in (("model", FLAGS.model), ("eval_arch", eval_arch())):
+    for name, value in (("model", s.model), ("eval_arch", eval_arch(s))):
         if value not in models.ARCHS:
             errors.append(f"--{name}: unknown {value!r}; known: {', '.join(sorted(models.ARCHS))}")
     return errors
 
 
-def experts_dir() -> str:
-    return FLAGS.experts_dir or os.path.join(FLAGS.workdir, "experts")
+def experts_dir(s: Settings) -> str:
+    return s.experts_dir or os.path.join(s.workdir, "experts")
 
 
-def model_config() -> dict:
-    return {"width": FLAGS.width, "depth": FLAGS.depth, "norm": "instancenorm", "act": "relu",
-            "pool": "avgpool"}
+def model_config(s: Settings) -> dict:
+    return {"width": s.width, "depth": s.depth, "norm": "instancenorm", "act": "relu", "pool": "avgpool"}
 
 
 def _dsa(enabled: bool):
@@ -151,77 +228,80 @@ def _dsa(enabled: bool):
     return augment.DSAConfig() if enabled else None
 
 
-def expert_config():
+def expert_config(s: Settings):
     from esp_tf.experts import ExpertConfig
-    return ExpertConfig(epochs=FLAGS.expert_epochs, lr=FLAGS.expert_lr, batch_size=FLAGS.expert_batch,
-                        dsa=_dsa(FLAGS.expert_dsa))
+    return ExpertConfig(epochs=s.expert_epochs, lr=s.expert_lr, batch_size=s.expert_batch,
+                        dsa=_dsa(s.expert_dsa))
 
 
-def eval_arch() -> str:
+def eval_arch(s: Settings) -> str:
     """--eval_arch, else the condensation network: convnet<depth> for the ConvNet family (ConvNet-3
     where no standard ConvNet of that depth is registered, e.g. the tests' tiny depth-2 nets)."""
-    if FLAGS.eval_arch:
-        return FLAGS.eval_arch
-    if FLAGS.model not in ("convnet", "convnet3"):
-        return FLAGS.model
+    if s.eval_arch:
+        return s.eval_arch
+    if s.model not in ("convnet", "convnet3"):
+        return s.model
     from esp_tf import models
-    name = f"convnet{FLAGS.depth}"     # the field's ConvNet-3 / ConvNet-4 (width 128)
+    name = f"convnet{s.depth}"     # the field's ConvNet-3 / ConvNet-4 (width 128)
     return name if name in models.ARCHS else "convnet3"
 
 
-def eval_config():
+def eval_config(s: Settings):
     from esp_tf.evaluate import EvalConfig
-    return EvalConfig(arch=eval_arch(), epochs=FLAGS.eval_epochs, batch_size=FLAGS.eval_batch,
-                      lr=FLAGS.eval_lr, dsa=_dsa(FLAGS.eval_dsa))
+    return EvalConfig(arch=eval_arch(s), epochs=s.eval_epochs, batch_size=s.eval_batch,
+                      lr=s.eval_lr, dsa=_dsa(s.eval_dsa))
 
 
-_DEFAULT_LR_PIXELS = {"esp": 0.01, "dm": 1.0, "tm": 100.0}
-
-
-def lr_pixels() -> float:
-    return FLAGS.lr_pixels if FLAGS.lr_pixels is not None else _DEFAULT_LR_PIXELS[FLAGS.method]
-
-
-def condense_settings():
-    from esp_tf.baselines import DMConfig, TMConfig
+def condense_settings(s: Settings):
     from esp_tf.condense import CondenseSettings
-    from esp_tf.esp import ESPConfig
-    esp = ESPConfig(beta=FLAGS.beta, inner_lr=FLAGS.inner_lr, losses=tuple(FLAGS.losses),
-                    real_per_class=FLAGS.real_per_class, dsa=_dsa(FLAGS.dsa),
-                    batch_syn=FLAGS.batch_syn or None, dm_reduction=FLAGS.dm_reduction)
-    dm = DMConfig(real_per_class=FLAGS.real_per_class, dsa=_dsa(FLAGS.dsa))
-    tm = TMConfig(inner_steps=FLAGS.inner_steps, batch_syn=FLAGS.batch_syn or None,
-                  init_lr=FLAGS.lr_teacher, dsa=_dsa(FLAGS.dsa))
-    return CondenseSettings(workdir=FLAGS.workdir, method=FLAGS.method, dm=dm, tm=tm, lr_lr=FLAGS.lr_lr,
-                            ipc=FLAGS.ipc, init=FLAGS.init,
-                            iterations=FLAGS.iterations, inner_steps=FLAGS.inner_steps,
-                            segment_length=FLAGS.segment_length, max_start_epoch=FLAGS.max_start_epoch,
-                            esp=esp, param=FLAGS.param, lr_pixels=lr_pixels(),
-                            lr_codes=FLAGS.lr_codes, lr_decoders=FLAGS.lr_decoders,
-                            num_decoders=FLAGS.num_decoders, latent_downsample=FLAGS.latent_downsample,
-                            lr_schedule=FLAGS.lr_schedule, clip_pixels=FLAGS.clip_pixels,
-                            range_map=FLAGS.range_map,
-                            seed=FLAGS.seed, ckpt_every=FLAGS.ckpt_every, log_every=FLAGS.log_every,
-                            jit_compile=FLAGS.jit_compile)
+    return CondenseSettings(workdir=s.workdir, method=s.method, method_config=method_config(s),
+                            ipc=s.ipc, init=s.init, iterations=s.iterations,
+                            segment_length=s.segment_length, max_start_epoch=s.max_start_epoch,
+                            param=s.param, lr_pixels=s.lr_pixels, lr_codes=s.lr_codes,
+                            lr_decoders=s.lr_decoders, num_decoders=s.num_decoders,
+                            latent_downsample=s.latent_downsample, lr_schedule=s.lr_schedule,
+                            clip_pixels=s.clip_pixels, range_map=s.range_map, seed=s.seed,
+                            ckpt_every=s.ckpt_every, log_every=s.log_every, jit_compile=s.jit_compile)
 
 
-def flag_values() -> dict:
-    """This module's flags as name -> the string flags.txt records for them."""
+def _serialized(s: Settings, name: str) -> str:
+    """`--name=value` as absl writes it for the flag (`--name`/`--noname` for booleans; '' for None)."""
+    return FLAGS[name]._serialize(getattr(s, name))
+
+
+def values(s: Settings) -> dict:
+    """Settings as name -> the string flags.txt records for them."""
     out = {}
-    for f in FLAGS.get_flags_for_module(__name__):
-        text = f.serialize()
-        if text.startswith("--no") and "=" not in text and f.boolean:
-            out[f.name] = "False"
+    for name in NAMES:
+        text = _serialized(s, name)
+        if text.startswith("--no") and "=" not in text and FLAGS[name].boolean:
+            out[name] = "False"
         elif "=" in text:
-            out[f.name] = text.split("=", 1)[1]
+            out[name] = text.split("=", 1)[1]
         else:
-            out[f.name] = "True" if text else ""
+            out[name] = "True" if text else ""
     return out
 
 
-def flags_file_text() -> str:
+def from_values(recorded: dict) -> Settings:
+    """Settings from a flags.txt's recorded strings (`workdir.parse_flags_file`): each parsed by
+    its flag; settings not recorded (added since) take their flag default."""
+    out = {}
+    for name in NAMES:
+        flag = FLAGS[name]
+        if name not in recorded:
+            out[name] = flag.default
+        elif flag.boolean:
+            out[name] = recorded[name] == "True"
+        else:
+            out[name] = flag.parser.parse(recorded[name]) if recorded[name] != "" else None
+            if recorded[name] == "" and isinstance(flag.default, list):
+                out[name] = []
+    return Settings(**out)
+
+
+def flags_file_text(s: Settings) -> str:
     """A flagfile that replays this run (--restart and --verbose are never recorded)."""
-    lines = [f.serialize() for f in FLAGS.get_flags_for_module(__name__) if f.name not in ("restart", "verbose")]
+    lines = [_serialized(s, name) for name in NAMES if name not in _NOT_RECORDED]
     return ("# Resolved flags of this run. Replay: python -m esp_tf.train --flagfile=<this file>\n"
             + "".join(line + "\n" for line in lines if line))
-

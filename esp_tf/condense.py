@@ -1,13 +1,14 @@
-"""The condensation loop: expert segments -> subspaces -> ESP updates, with checkpoints and resume.
+"""The condensation loop, for every registered method and parameterisation, with checkpoints
+and resume.
 
     for it in iterations:                        # resumes at the last checkpointed iteration
-        segment = random expert k, epochs t..t+T  (in-graph, seeded by (seed, it))
-        E = qr(segment); theta = theta*_t
-        for n in 1..N: theta = esp_step(theta, E, seed(it, n))   # one synthetic update each
+        metrics = method.iteration(it)           # ESP: segment -> E = qr(segment) -> N updates
 
-Every random draw derives from (seed, iteration, inner step), and the checkpoint holds the
-synthetic set, Adam's state and the iteration, so a resumed run ends where an uninterrupted
-one would. Writes <workdir>/ckpt/, metrics.jsonl and synthetic.npz.
+The loop knows no method or parameterisation by name: `esp_tf.methods` and
+`synthetic.PARAMETERISATIONS` supply them. Every random draw derives from (seed, iteration,
+update), and the checkpoint holds the synthetic set, the optimizers' state, the method's own
+variables and the iteration, so a resumed run ends where an uninterrupted one would. Writes
+<workdir>/ckpt/, metrics.jsonl, budget.json, tensorboard/ and synthetic.npz.
 """
 from __future__ import annotations
 
@@ -22,32 +23,23 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from esp_tf import data as data_lib, subspace, workdir as wd
-from esp_tf.baselines import DMConfig, DMStep, TMConfig, TMStep
-from esp_tf.esp import ESPConfig, ESPStep
+from esp_tf import data as data_lib, methods, synthetic as synthetic_lib, workdir as wd
+from esp_tf.methods.base import Context
 from esp_tf.models import FlatModel
-from esp_tf.synthetic import LatentSynthetic, PixelSynthetic
-
-
-METHODS = ("esp", "dm", "tm")
 
 
 @dataclasses.dataclass(frozen=True)
 class CondenseSettings:
     workdir: str
-    method: str = "esp"              # esp, or the baselines dm (distribution matching), tm (MTT)
+    method: str = "esp"              # a name in esp_tf.methods (esp, or the baselines dm, tm)
+    method_config: object = None     # that method's Config; None: its defaults
     ipc: int = 1
     init: str = "real"
     iterations: int = 1000
-    inner_steps: int = 10
     segment_length: int = 2
     max_start_epoch: int = 20        # segments start at epoch t ~ U{0..max_start_epoch-1} (MTT)
-    esp: ESPConfig = ESPConfig()
-    dm: DMConfig = DMConfig()
-    tm: TMConfig = TMConfig()
-    lr_lr: float = 1e-5              # tm: SGD lr of the learnable student lr (MTT)
-    param: str = "pixels"            # "pixels" or "latents" (codes + shared decoders, paper 4.2)
-    lr_pixels: float = 0.01          # Adam lr of pixels (normalised units)
+    param: str = "pixels"            # a name in synthetic.PARAMETERISATIONS (pixels, latents)
+    lr_pixels: float | None = None   # pixels' lr (normalised units); None: the method's own
     lr_codes: float = 0.1            # Adam lr of latent codes (paper 4.2)
     lr_decoders: float = 0.01        # Adam lr of the shared decoders (paper 4.2)
     num_decoders: int = 4            # latents: decoders shared by all classes
@@ -60,6 +52,23 @@ class CondenseSettings:
     log_every: int = 10
     jit_compile: bool = False
 
+    def __post_init__(self):
+        method = methods.get(self.method)             # raises on an unknown name
+        synthetic_lib.parameterisation(self.param)
+        if self.method_config is None:
+            object.__setattr__(self, "method_config", method.Config())
+        elif not isinstance(self.method_config, method.Config):
+            raise ValueError(f"method_config of method {self.method!r} must be a "
+                             f"{method.Config.__name__}, got {type(self.method_config).__name__}")
+
+    @property
+    def method_class(self):
+        return methods.get(self.method)
+
+    @property
+    def updates_per_iteration(self) -> int:
+        return self.method_class.updates_per_iteration(self.method_config)
+
 
 def snapshots_needed(max_start_epoch: int, segment_length: int) -> int:
     """Snapshots per expert that segments can reach: starts 0..max_start_epoch-1 (exclusive, as
@@ -68,61 +77,42 @@ def snapshots_needed(max_start_epoch: int, segment_length: int) -> int:
     return max_start_epoch + segment_length
 
 
-def real_init(real: data_lib.RealData, s: CondenseSettings, per_class: int):
-    """per_class random real images of each class, normalised, class-major (or None)."""
+def real_images_needed(s: CondenseSettings, image_shape, num_classes: int) -> int:
+    """Distinct real images per class that the set's init takes (0 unless init='real')."""
     if s.init != "real":
-        return None
-    x, _ = data_lib.ClassBalancedSampler(real).random_subset(s.seed, per_class)
-    return data_lib.normalize(x, real.mean, real.std).numpy()
+        return 0
+    return synthetic_lib.parameterisation(s.param).real_images_needed(s, image_shape, num_classes)
 
 
 def make_synthetic(real: data_lib.RealData, s: CondenseSettings):
-    """The learnable set for --param: IPC images per class, or codes + decoders in that budget."""
-    bounds = data_lib.pixel_range(real) if s.clip_pixels else None
-    if s.param == "latents":
-        design = {"num_decoders": s.num_decoders, "downsample": s.latent_downsample}
-        try:
-            n = LatentSynthetic.codes_per_class_for(s.ipc, real.image_shape, real.num_classes, **design)
-        except ValueError as e:
-            raise wd.UserError(str(e)) from e
-        return LatentSynthetic(real.num_classes, s.ipc, real.image_shape, init=s.init,
-                               real_images=real_init(real, s, n), seed=s.seed, pixel_range=bounds,
-                               range_map=s.range_map, **design)
-    if s.param != "pixels":
-        raise ValueError(f"param must be pixels or latents, got {s.param!r}")
-    return PixelSynthetic(real.num_classes, s.ipc, real.image_shape, init=s.init,
-                          real_images=real_init(real, s, s.ipc), seed=s.seed, pixel_range=bounds,
-                          range_map=s.range_map)
-
-
-def updates_per_iteration(s: CondenseSettings) -> int:
-    """Synthetic updates per iteration: ESP updates once per inner step, DM/TM once."""
-    return s.inner_steps if s.method == "esp" else 1
+    """The learnable set for s.param: IPC images per class, or codes + decoders in that budget."""
+    kind = synthetic_lib.parameterisation(s.param)
+    try:
+        n = real_images_needed(s, real.image_shape, real.num_classes)
+        real_images = None
+        if n:                                # n random real images per class, normalised, class-major
+            x, _ = data_lib.ClassBalancedSampler(real).random_subset(s.seed, n)
+            real_images = data_lib.normalize(x, real.mean, real.std).numpy()
+        bounds = data_lib.pixel_range(real) if s.clip_pixels else None
+        return kind.from_settings(s, real.num_classes, real.image_shape, real_images, bounds)
+    except ValueError as e:                  # e.g. a budget the parameterisation cannot meet
+        raise wd.UserError(str(e)) from e
 
 
 def make_optimizers(s: CondenseSettings) -> dict:
-    """One optimizer per variable group of the synthetic set, each with the --lr_schedule.
-
-    Latents: Adam (paper 4.2). Pixels: Adam for ESP (paper's outer optimizer), SGD with
-    momentum 0.5 for DM and TM (their references). TM adds SGD on its learnable student lr.
-    """
-    total = s.iterations * updates_per_iteration(s)
+    """One optimizer per variable group of the synthetic set (the parameterisation names the
+    optimizer and lr of each, pixels taking the method's own), each with the --lr_schedule, plus
+    the method's optimizers of its own variables."""
+    total = s.iterations * s.updates_per_iteration
 
     def schedule(lr):
         if s.lr_schedule == "linear":
             return keras.optimizers.schedules.PolynomialDecay(lr, total, 0.0, power=1.0)
         return lr
 
-    if s.param == "latents":
-        opts = {"codes": keras.optimizers.Adam(schedule(s.lr_codes)),
-                "decoders": keras.optimizers.Adam(schedule(s.lr_decoders))}
-    elif s.method == "esp":
-        opts = {"pixels": keras.optimizers.Adam(schedule(s.lr_pixels))}
-    else:
-        opts = {"pixels": keras.optimizers.SGD(schedule(s.lr_pixels), momentum=0.5)}
-    if s.method == "tm":
-        opts["lr"] = keras.optimizers.SGD(s.lr_lr, momentum=0.5)
-    return opts
+    groups = synthetic_lib.parameterisation(s.param).learning_rates(s, s.method_class)
+    opts = {name: make(schedule(lr)) for name, (make, lr) in groups.items()}
+    return {**opts, **s.method_class.extra_optimizers(s.method_config)}
 
 
 NONFINITE_ADVICE = ("Usual causes: a too large --inner_lr, --lr_pixels (--lr_codes/--lr_decoders with "
@@ -139,34 +129,34 @@ def _save_synthetic(path: str, images: np.ndarray, labels: np.ndarray) -> None:
     wd.atomic_write_bytes(path, buf.getvalue())
 
 
-def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: CondenseSettings):
-    """Condenses `real` with ESP guided by `trajectories` [K, S, P].
+def run(real: data_lib.RealData, net: FlatModel, trajectories, s: CondenseSettings):
+    """Condenses `real` with the method of `s`, guided by `trajectories` [K, S, P] when the
+    method reads them (None otherwise).
 
     Returns (images, labels, synthetic): the rendered set as normalised float32 [C*M, H, W, Ch]
     (what the model sees) with int32 labels, and the learnable set itself. A finished run
     restores its last checkpoint and returns at once.
     """
-    if s.method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {s.method!r}")
-    needed = snapshots_needed(s.max_start_epoch, s.segment_length)
-    if s.method != "dm" and trajectories.shape[1] < needed:
-        raise wd.UserError(f"trajectories have {trajectories.shape[1]} snapshots; max_start_epoch + "
-                           f"segment_length = {needed} are needed")
+    method_class = s.method_class
+    if method_class.needs_trajectories:
+        needed = snapshots_needed(s.max_start_epoch, s.segment_length)
+        if trajectories is None or trajectories.shape[1] < needed:
+            have = "none" if trajectories is None else f"{trajectories.shape[1]} snapshots"
+            raise wd.UserError(f"method {s.method} needs expert trajectories of max_start_epoch + "
+                               f"segment_length = {needed} snapshots; got {have}")
     syn = make_synthetic(real, s)
     budget = syn.budget()
     wd.write_json(os.path.join(s.workdir, "budget.json"), budget)
     wd.say(f"synthetic set: {s.param}, {budget['params_per_class']:.0f} stored floats per class "
            f"(budget {budget['budget_per_class']}), {syn.images_per_class} images rendered per class")
     optimizers = make_optimizers(s)
-    sampler = data_lib.ClassBalancedSampler(real)
-    extra = {}
-    if s.method == "esp":
-        step = ESPStep(net, syn, optimizers, sampler, s.esp, jit_compile=s.jit_compile)
-    elif s.method == "dm":
-        step = DMStep(net, syn, optimizers, sampler, s.dm, jit_compile=s.jit_compile)
-    else:
-        step = TMStep(net, syn, optimizers, sampler, s.tm)
-        extra["syn_lr"] = step.syn_lr
+    context = Context(net=net, synthetic=syn, optimizers=optimizers,
+                      sampler=data_lib.ClassBalancedSampler(real),
+                      trajectories=trajectories if method_class.needs_trajectories else None,
+                      segment_length=s.segment_length, max_start_epoch=s.max_start_epoch, seed=s.seed,
+                      jit_compile=s.jit_compile)
+    method = method_class(context, s.method_config)
+    extra = method.state()
     iteration = tf.Variable(0, dtype=tf.int64, name="iteration")
     ckpt = tf.train.Checkpoint(synthetic=syn, iteration=iteration, **extra,
                                **{f"opt_{k}": o for k, o in optimizers.items()})
@@ -188,7 +178,6 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
         ok = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in watched]))
         finite.assign(tf.logical_and(finite, ok))
 
-    one_iteration = _iteration_fn(s, step, trajectories, after_update=check_finite)
     board = tf.summary.create_file_writer(os.path.join(s.workdir, "tensorboard"))
 
     def grid_summary(step: int):
@@ -200,10 +189,10 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories: np.ndarray, s: Co
             tf.summary.image("synthetic", grid[None])
     bar = wd.Progress("condense", s.iterations, done=int(iteration))
     sums, count, t_log = {}, 0, time.time()
-    per_it = updates_per_iteration(s)
+    per_it = s.updates_per_iteration
     while int(iteration) < s.iterations:
         it = int(iteration)
-        metrics, info = one_iteration(it)
+        metrics, info = method.iteration(it, check_finite)
         for m in metrics:
             for name, v in m.items():
                 sums[name] = sums.get(name, 0.0) + v
@@ -300,38 +289,3 @@ def _drop_metrics_after(path: str, iteration: int) -> None:
             pass
     if kept != lines:
         wd.atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
-def _iteration_fn(s: CondenseSettings, step, trajectories, after_update=lambda: None):
-    """`one_iteration(it) -> (list of per-update metrics, info)` for the method in `s`;
-    `after_update()` runs after each update of the synthetic set."""
-    update_seed = lambda n: [s.seed + 1_000_003, n]
-    if s.method == "dm":      # a fresh random network each iteration; no experts
-        def dm_iteration(it):
-            metrics = step(update_seed(it))
-            after_update()
-            return [metrics], {}
-        return dm_iteration
-    trajs = tf.constant(trajectories, tf.float32)
-
-    @tf.function
-    def segment_for(seed):
-        segment, k, t = subspace.select_segment(trajs, seed, s.segment_length, s.max_start_epoch)
-        basis = subspace.basis(segment) if s.method == "esp" else segment[-1]   # tm: the target
-        return segment[0], basis, k, t
-
-    def one_iteration(it):
-        theta, basis_or_target, k, t = segment_for(tf.constant([s.seed, it], tf.int64))
-        info = {"expert": k, "start_epoch": t}
-        if s.method == "tm":
-            metrics = step(theta, basis_or_target, update_seed(it))
-            after_update()
-            return [metrics], info
-        metrics = []
-        for n in range(s.inner_steps):
-            theta, m = step(theta, basis_or_target, update_seed(it * s.inner_steps + n))
-            after_update()
-            metrics.append(m)
-        return metrics, info
-
-    return one_iteration

@@ -12,6 +12,7 @@ images per class (IPC x H x W x Ch floats per class):
 """
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -113,6 +114,25 @@ class PixelSynthetic(tf.Module):
     def variable_groups(self) -> dict[str, list[tf.Variable]]:
         """Named groups that may get their own learning rate."""
         return {"pixels": [self.images]}
+
+    # -- the parameterisation interface of the condensation loop (see PARAMETERISATIONS) --------
+    @classmethod
+    def real_images_needed(cls, s, image_shape, num_classes: int) -> int:
+        """Distinct real images per class that init='real' under settings `s` takes."""
+        return s.ipc
+
+    @classmethod
+    def from_settings(cls, s, num_classes: int, image_shape, real_images, pixel_range):
+        """The set for condensation settings `s` (condense.CondenseSettings)."""
+        return cls(num_classes, s.ipc, image_shape, init=s.init, real_images=real_images, seed=s.seed,
+                   pixel_range=pixel_range, range_map=s.range_map)
+
+    @classmethod
+    def learning_rates(cls, s, method) -> dict:
+        """Group -> (optimizer factory, learning rate): pixels take the method's own optimizer
+        (Adam for ESP, SGD with momentum for DM and MTT) at --lr_pixels or the method's lr."""
+        lr = s.lr_pixels if s.lr_pixels is not None else method.default_lr_pixels
+        return {"pixels": (method.pixel_optimizer, lr)}
 
     def budget(self) -> dict:
         """Budget per class and parameters used per class (equal: one image per IPC slot)."""
@@ -330,3 +350,33 @@ class LatentSynthetic(tf.Module):
         return {"codes": [self.codes],
                 "decoders": [self.skip_w, self.skip_b, self.conv1_w, self.conv1_b,
                              self.conv2_w, self.conv2_b]}
+
+    # -- the parameterisation interface of the condensation loop (see PARAMETERISATIONS) --------
+    @classmethod
+    def real_images_needed(cls, s, image_shape, num_classes: int) -> int:
+        """Distinct real images per class that init='real' takes: one per code."""
+        return cls.codes_per_class_for(s.ipc, image_shape, num_classes, num_decoders=s.num_decoders,
+                                       downsample=s.latent_downsample)
+
+    @classmethod
+    def from_settings(cls, s, num_classes: int, image_shape, real_images, pixel_range):
+        return cls(num_classes, s.ipc, image_shape, init=s.init, real_images=real_images, seed=s.seed,
+                   pixel_range=pixel_range, range_map=s.range_map, num_decoders=s.num_decoders,
+                   downsample=s.latent_downsample)
+
+    @classmethod
+    def learning_rates(cls, s, method) -> dict:
+        """Codes and decoders: Adam, whatever the method (paper 4.2), at --lr_codes/--lr_decoders."""
+        return {"codes": (keras.optimizers.Adam, s.lr_codes),
+                "decoders": (keras.optimizers.Adam, s.lr_decoders)}
+
+
+# Parameterisations by name (--param). Each class gives the condensation loop the same interface:
+# real_images_needed, from_settings, learning_rates, variable_groups, render, budget.
+PARAMETERISATIONS = {"pixels": PixelSynthetic, "latents": LatentSynthetic}
+
+
+def parameterisation(name: str):
+    if name not in PARAMETERISATIONS:
+        raise ValueError(f"param must be one of {', '.join(PARAMETERISATIONS)}, got {name!r}")
+    return PARAMETERISATIONS[name]

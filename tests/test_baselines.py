@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import fake_real
-from esp_tf import baselines, data as data_lib, esp, models
+from esp_tf import baselines, data as data_lib, models
+from esp_tf.methods import dm, esp, tm
 from esp_tf.synthetic import PixelSynthetic
 
 C, IPC, HW, PER_CLASS = 3, 2, 8, 6
@@ -27,8 +28,8 @@ def _fake_real():
 def _dm(lr):
     net, real = _tiny_net(), _fake_real()
     syn = PixelSynthetic(C, IPC, (HW, HW, 1), init="gaussian", seed=0)
-    cfg = baselines.DMConfig(real_per_class=PER_CLASS, dsa=None)   # all reals: means fixed per net
-    step = baselines.DMStep(net, syn, {"pixels": keras.optimizers.SGD(lr, momentum=0.5)},
+    cfg = dm.DMConfig(real_per_class=PER_CLASS, dsa=None)   # all reals: means fixed per net
+    step = dm.DMStep(net, syn, {"pixels": keras.optimizers.SGD(lr, momentum=0.5)},
                             data_lib.ClassBalancedSampler(real), cfg)
     return net, real, syn, step
 
@@ -73,12 +74,12 @@ def _tm_problem(dtype=tf.float64):
 
 def test_tm_loss_is_one_for_a_frozen_student_and_exactly_zero_when_it_lands_on_the_target():
     net, theta, target, x, y = _tm_problem()
-    cfg = baselines.TMConfig(inner_steps=3, dsa=None)
+    cfg = tm.TMConfig(inner_steps=3, dsa=None)
     lr = tf.constant(0.5, tf.float64)
     zero = tf.constant(0.0, tf.float64)
-    frozen, _ = baselines.unrolled_match_loss(net, theta, target, x, y, zero, [0, 0], cfg)
+    frozen, _ = tm.unrolled_match_loss(net, theta, target, x, y, zero, [0, 0], cfg)
     assert float(frozen) == 1.0
-    _, aux = baselines.unrolled_match_loss(net, theta, target, x, y, lr, [0, 0], cfg)
+    _, aux = tm.unrolled_match_loss(net, theta, target, x, y, lr, [0, 0], cfg)
     manual = theta                                     # N plain SGD steps on all synthetic images
     for _ in range(3):
         with tf.GradientTape() as tape:
@@ -86,7 +87,7 @@ def test_tm_loss_is_one_for_a_frozen_student_and_exactly_zero_when_it_lands_on_t
             ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, net.logits(manual, x)))
         manual = manual - 0.5 * tape.gradient(ce, manual)
     np.testing.assert_allclose(aux["theta_end"].numpy(), manual.numpy(), rtol=1e-12, atol=1e-12)
-    landed, _ = baselines.unrolled_match_loss(net, theta, aux["theta_end"], x, y, lr, [0, 0], cfg)
+    landed, _ = tm.unrolled_match_loss(net, theta, aux["theta_end"], x, y, lr, [0, 0], cfg)
     assert float(landed) == 0.0
 
 
@@ -94,12 +95,12 @@ def test_tm_loss_is_one_for_a_frozen_student_and_exactly_zero_when_it_lands_on_t
 def test_tm_gradient_matches_central_finite_differences_in_float64(dsa, batch_syn):
     net, theta, target, x, y = _tm_problem()
     from esp_tf import augment
-    cfg = baselines.TMConfig(inner_steps=2, batch_syn=batch_syn,
+    cfg = tm.TMConfig(inner_steps=2, batch_syn=batch_syn,
                              dsa=augment.DSAConfig() if dsa else None)
     lr = tf.constant(0.3, tf.float64)
 
     def loss_at(xx, rate):
-        return baselines.unrolled_match_loss(net, theta, target, xx, y, rate, [5, 6], cfg)[0]
+        return tm.unrolled_match_loss(net, theta, target, xx, y, rate, [5, 6], cfg)[0]
 
     with tf.GradientTape() as tape:
         tape.watch([x, lr])
@@ -120,7 +121,7 @@ def test_tm_step_updates_images_and_the_learnable_lr_and_is_traced_once():
     net = _tiny_net()
     syn = PixelSynthetic(C, IPC, (HW, HW, 1), init="gaussian", seed=0)
     opts = {"pixels": keras.optimizers.SGD(10.0, momentum=0.5), "lr": keras.optimizers.SGD(1e-3)}
-    step = baselines.TMStep(net, syn, opts, None, baselines.TMConfig(inner_steps=2, batch_syn=4))
+    step = tm.TMStep(net, syn, opts, None, tm.TMConfig(inner_steps=2, batch_syn=4))
     images = syn.images.numpy().copy()
     for i in range(3):
         start = net.init([i, 0])
@@ -135,7 +136,7 @@ def test_tm_step_updates_images_and_the_learnable_lr_and_is_traced_once():
 def test_tm_step_rejects_a_missing_lr_optimizer():
     syn = PixelSynthetic(C, IPC, (HW, HW, 1), init="gaussian")
     with pytest.raises(ValueError, match="lr"):
-        baselines.TMStep(_tiny_net(), syn, {"pixels": keras.optimizers.SGD(1.0)})
+        tm.TMStep(_tiny_net(), syn, {"pixels": keras.optimizers.SGD(1.0)})
 
 
 def test_herding_picks_the_sample_nearest_the_mean_first_then_greedily_and_distinctly():

@@ -1,4 +1,5 @@
 """The condensation loop for every method and parameterisation, and the flags that reach it."""
+import dataclasses
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from conftest import fake_real
-from esp_tf import cli, condense, models
+from esp_tf import cli, condense, methods, models
 
 C, HW = 3, 16
 
@@ -16,12 +17,14 @@ def _real():
     return fake_real(C, HW, 3, 12)
 
 
-def _settings(tmp_path, **kw):
-    from esp_tf.baselines import DMConfig, TMConfig
-    from esp_tf.esp import ESPConfig
-    base = dict(workdir=str(tmp_path), ipc=2, iterations=2, inner_steps=2, segment_length=1,
-                max_start_epoch=2, esp=ESPConfig(real_per_class=3), dm=DMConfig(real_per_class=3),
-                tm=TMConfig(inner_steps=2), ckpt_every=1, log_every=1)
+# tiny per-method settings: 2 updates per ESP iteration, 2 unrolled MTT steps, 3 reals per class
+_TINY = {"esp": dict(inner_steps=2, real_per_class=3), "dm": dict(real_per_class=3), "tm": dict(inner_steps=2)}
+
+
+def _settings(tmp_path, method="esp", **kw):
+    base = dict(workdir=str(tmp_path), method=method, ipc=2, iterations=2, segment_length=1,
+                max_start_epoch=2, method_config=methods.get(method).Config(**_TINY[method]),
+                ckpt_every=1, log_every=1)
     base.update(kw)
     return condense.CondenseSettings(**base)
 
@@ -34,6 +37,7 @@ def test_every_method_and_parameterisation_condenses_and_checkpoints(tmp_path, m
     trajs = np.stack([np.stack([net.init([k, e]).numpy() for e in range(3)]) for k in range(2)])
     s = _settings(tmp_path, method=method, param=param, ipc=2 if param == "pixels" else 4,
                   num_decoders=2, lr_pixels=0.01)
+    assert s.method_config == methods.get(method).Config(**_TINY[method])
     images, labels, syn = condense.run(real, net, None if method == "dm" else trajs, s)
     assert images.shape[0] == labels.shape[0] == C * syn.images_per_class
     if param == "latents":
@@ -49,20 +53,49 @@ def test_every_method_and_parameterisation_condenses_and_checkpoints(tmp_path, m
 
 @pytest.mark.parametrize("argv,expect", [
     (["--method=tm", "--batch_syn=5", "--lr_teacher=0.02", "--inner_steps=7"],
-     dict(method="tm", lr_pixels=100.0, tm_steps=7, batch_syn=5, init_lr=0.02)),
-    (["--method=dm", "--real_per_class=9"], dict(method="dm", lr_pixels=1.0, dm_real=9)),
+     dict(method="tm", lr_pixels=100.0, inner_steps=7, batch_syn=5, init_lr=0.02)),
+    (["--method=dm", "--real_per_class=9"], dict(method="dm", lr_pixels=1.0, real_per_class=9)),
     (["--param=latents", "--lr_codes=0.2", "--num_decoders=3", "--beta=0.5", "--losses=proj"],
      dict(method="esp", param="latents", lr_codes=0.2, num_decoders=3, beta=0.5, losses=("proj",))),
 ])
 def test_condensation_flags_reach_the_settings(argv, expect):
     with flagsaver.flagsaver():
         flags.FLAGS(["train", "--workdir=/tmp/x"] + argv)
-        s = cli.condense_settings()
-    got = dict(method=s.method, lr_pixels=s.lr_pixels, tm_steps=s.tm.inner_steps, batch_syn=s.tm.batch_syn,
-               init_lr=s.tm.init_lr, dm_real=s.dm.real_per_class, param=s.param, lr_codes=s.lr_codes,
-               num_decoders=s.num_decoders, beta=s.esp.beta, losses=s.esp.losses)
+        s = cli.condense_settings(cli.from_flags())
+    lr_pixels = condense.make_optimizers(s).get("pixels")
+    got = dict(method=s.method, param=s.param, lr_codes=s.lr_codes, num_decoders=s.num_decoders,
+               lr_pixels=None if lr_pixels is None else float(lr_pixels.learning_rate),   # at update 0
+               **dataclasses.asdict(s.method_config))
     for key, value in expect.items():
         assert got[key] == value, key
+
+
+def test_unset_method_settings_take_the_methods_own_defaults_and_are_recorded():
+    from esp_tf.methods.esp import ESPConfig
+    from esp_tf.methods.tm import TMConfig
+    with flagsaver.flagsaver():
+        flags.FLAGS(["train", "--workdir=/tmp/x", "--method=tm"])
+        settings = cli.from_flags()
+        assert cli.validate(settings) == []
+        assert cli.condense_settings(settings).method_config.inner_steps == TMConfig.inner_steps
+        recorded = cli.values(settings)
+    assert recorded["inner_steps"] == str(TMConfig.inner_steps)      # tm's own N
+    assert recorded["beta"] == str(ESPConfig.beta)                    # esp's, the first reader
+    with flagsaver.flagsaver():
+        flags.FLAGS(["train", "--workdir=/tmp/x"])
+        assert cli.values(cli.from_flags())["inner_steps"] == str(ESPConfig.inner_steps)
+
+
+def test_a_method_setting_its_config_rejects_names_the_flag():
+    from esp_tf import workdir as wd
+    with flagsaver.flagsaver():
+        flags.FLAGS(["train", "--workdir=/tmp/x", "--losses=proj,tm"])
+        with pytest.raises(wd.UserError, match=r"--losses: losses must be a non-empty subset of proj,dm"):
+            cli.from_flags()
+    with pytest.raises(wd.UserError, match=r"--inner_steps: inner_steps must be >= 1"):
+        cli.settings(method="tm", inner_steps=0)
+    with pytest.raises(wd.UserError, match="unknown settings lr_pixel"):
+        cli.settings(lr_pixel=0.1)
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_last_checkpoint(tmp_path):
@@ -95,12 +128,11 @@ def test_a_checkpoint_of_another_configuration_is_refused_clearly(tmp_path):
         condense.run(real, net, trajs, _settings(tmp_path, iterations=2, ipc=3))
 
 
-def test_batch_syn_reaches_both_esp_and_tm():
+@pytest.mark.parametrize("method", ["esp", "tm"])
+def test_batch_syn_reaches_both_esp_and_tm(method):
     with flagsaver.flagsaver():
-        flags.FLAGS(["train", "--workdir=/tmp/x", "--batch_syn=20"])
-        s = cli.condense_settings()
-    assert s.esp.batch_syn == 20 and s.tm.batch_syn == 20
+        flags.FLAGS(["train", "--workdir=/tmp/x", "--batch_syn=20", f"--method={method}"])
+        assert cli.condense_settings(cli.from_flags()).method_config.batch_syn == 20
     with flagsaver.flagsaver():
-        flags.FLAGS(["train", "--workdir=/tmp/x"])
-        s = cli.condense_settings()
-    assert s.esp.batch_syn is None and s.tm.batch_syn is None      # default: every image
+        flags.FLAGS(["train", "--workdir=/tmp/x", f"--method={method}"])
+        assert cli.condense_settings(cli.from_flags()).method_config.batch_syn is None      # default: every image

@@ -23,7 +23,7 @@ def test_config_starts_with_its_command_and_parses_into_valid_flags(path):
     with flagsaver.flagsaver():
         argv = flags.FLAGS.read_flags_from_files([f"--flagfile={path}"], force_gnu=True)
         flags.FLAGS(["esp_tf.train"] + argv, known_only=False)
-        assert cli.validate() == []
+        assert cli.validate(cli.from_flags()) == []
 
 
 PAPER_SETTINGS = REPO / "configs" / "PAPER_SETTINGS.md"
@@ -70,8 +70,9 @@ def test_paper_config_holds_exactly_the_values_of_the_settings_table(path):
     assert int(found["expert_epochs"]) == int(found["max_start_epoch"]) - 1 + int(found["segment_length"])
     with flagsaver.flagsaver():
         flags.FLAGS(["esp_tf.train", f"--flagfile={path}"])
-        assert cli.eval_arch() == f"convnet{found['depth']}"     # evaluation follows the condensation net
-        assert cli.condense_settings().param == "latents"
+        settings = cli.from_flags()
+        assert cli.eval_arch(settings) == f"convnet{found['depth']}"     # evaluation follows the condensation net
+        assert cli.condense_settings(settings).param == "latents"
 
 
 def test_no_file_points_to_documents_outside_the_repository():

@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import fake_real
-from esp_tf import data as data_lib, esp, models, subspace
+from esp_tf import data as data_lib, models, subspace
+from esp_tf.methods import esp
 from esp_tf.synthetic import PixelSynthetic
 
 C, IPC, HW = 3, 2, 8

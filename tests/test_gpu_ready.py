@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import fake_real
-from esp_tf import augment, baselines, data as data_lib, esp, experts, models, subspace
+from esp_tf import augment, data as data_lib, experts, models, subspace
+from esp_tf.methods import dm, esp, tm
 from esp_tf.synthetic import PixelSynthetic
 
 C, IPC, HW = 3, 2, 8
@@ -50,8 +51,8 @@ def _esp(jit):
 
 def _dm(jit):
     net, syn = _net(), _synthetic()
-    step = baselines.DMStep(net, syn, {"pixels": keras.optimizers.SGD(1.0)}, _sampler(),
-                            baselines.DMConfig(real_per_class=3), jit_compile=jit)
+    step = dm.DMStep(net, syn, {"pixels": keras.optimizers.SGD(1.0)}, _sampler(),
+                            dm.DMConfig(real_per_class=3), jit_compile=jit)
     call = lambda n: step([0, n])                                                  # noqa: E731
     concrete = lambda: step._compiled.get_concrete_function(  # noqa: E731
         tf.constant([0, 0], tf.int64), step.theta_for([0, 0]))
@@ -60,8 +61,8 @@ def _dm(jit):
 
 def _tm(jit):
     net, syn = _net(), _synthetic()
-    step = baselines.TMStep(net, syn, {"pixels": keras.optimizers.SGD(10.0), "lr": keras.optimizers.SGD(1e-5)},
-                            config=baselines.TMConfig(inner_steps=2), jit_compile=jit)
+    step = tm.TMStep(net, syn, {"pixels": keras.optimizers.SGD(10.0), "lr": keras.optimizers.SGD(1e-5)},
+                            config=tm.TMConfig(inner_steps=2), jit_compile=jit)
     start = net.init([0, 0])
     target = start + 0.01
     call = lambda n: step(start, target, [0, n])                                   # noqa: E731

@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import fake_real
-from esp_tf import data as data_lib, esp, models, subspace
+from esp_tf import data as data_lib, models, subspace
+from esp_tf.methods import esp
 from esp_tf.synthetic import LatentSynthetic, PixelSynthetic, bilinear_matrix, latent_plan
 
 FMNIST_MINI = (pathlib.Path(__file__).resolve().parents[1]

@@ -1,4 +1,7 @@
-"""End-to-end: the CLI on tiny settings writes every workdir artifact, resumes, refuses clashes."""
+"""End-to-end: the pipeline on tiny settings (in-process, as a library call) writes every workdir
+artifact; the CLI replays its flags.txt, resumes and refuses clashes; tools read the run back."""
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -24,12 +27,28 @@ def _run(args, tmp_path, check=True):
     return out
 
 
+def _as_settings(argv) -> dict:
+    """['--name=value', ...] -> {name: parsed value}, parsed by the flags themselves."""
+    from esp_tf import cli
+    out = {}
+    for arg in argv:
+        name, value = arg[2:].split("=", 1)
+        out[name] = cli.FLAGS[name].parser.parse(value)
+    return out
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
+    """The whole pipeline, in-process: `pipeline.run(cli.settings(...), workdir)`."""
+    from esp_tf import cli, pipeline
     tmp = tmp_path_factory.mktemp("e2e")
     work = tmp / "work"
-    out = _run([f"--workdir={work}"] + TINY, tmp)
-    return tmp, work, out
+    settings = cli.settings(data_dir=str(tmp / "tfds"), download=False, **_as_settings(TINY))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        results = pipeline.run(settings, str(work))
+    assert set(results) == {"esp", "random", "herding"}
+    return tmp, work, subprocess.CompletedProcess([], 0, printed.getvalue(), "")
 
 
 def test_cli_writes_every_workdir_artifact(finished_run):
@@ -87,6 +106,31 @@ def test_drift_tool_rebuilds_the_real_init_of_a_finished_run(finished_run):
     # 8 Adam updates of lr <= 0.01 move a pixel at most ~0.08: a wrongly rebuilt init (other
     # real images, RMS ~1) could not come this close
     assert 0 < mean_abs <= 0.08 and rms <= 0.1 and init_rms > 0.5
+
+
+def test_load_run_gives_tools_the_settings_data_net_store_and_set_of_a_run(finished_run):
+    from esp_tf import cli, pipeline, workdir as wd
+    tmp, work, _ = finished_run
+    run = pipeline.load_run(str(work))
+    assert run.settings.inner_steps == 2 and run.settings.width == 8 and run.settings.method == "esp"
+    recorded = wd.parse_flags_file(work / "flags.txt")
+    assert {k: v for k, v in cli.values(run.settings).items() if k in recorded} == recorded
+    assert run.real.name.startswith("fashion_mnist_mini") and run.net.num_params > 0
+    assert run.store.completed() == [0, 1]
+    np.testing.assert_array_equal(run.images, np.load(work / "synthetic.npz")["images"])
+    with pytest.raises(wd.UserError, match="not an esp_tf workdir"):
+        pipeline.load_run(str(tmp))
+
+
+def test_loss_balance_tool_reads_a_finished_run(finished_run):
+    tmp, work, _ = finished_run
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "loss_balance.py"), f"--workdir={work}",
+                          "--segments=2"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert len([l for l in lines if l.startswith("expert ")]) == 2
+    assert lines[-1].startswith("run beta 1e-05: beta*L_proj pulls")
 
 
 def test_default_run_renders_valid_pixels_and_the_uint8_export_clips_nothing(finished_run):

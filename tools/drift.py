@@ -14,31 +14,31 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags
+from absl import app
 
-flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: the one recorded in each flags.txt).")
-FLAGS = flags.FLAGS
+from esp_tf.cli import FLAGS      # the run's own flags; this tool reads --data_dir (optional)
 
 
 def main(argv):
     import numpy as np
-    from esp_tf import condense, data as data_lib, workdir as wd
+    from esp_tf import condense, pipeline, workdir as wd
     if len(argv) < 2:
         sys.exit("give one or more workdirs")
     print("| workdir | method | mean abs change | RMS change | RMS of init |\n|---|---|---|---|---|")
     for work in argv[1:]:
         try:
-            f = wd.parse_flags_file(os.path.join(work, "flags.txt"))
-            images = np.load(os.path.join(work, "synthetic.npz"))["images"]
-        except OSError as e:
-            sys.exit(f"{work}: not a finished workdir ({e})")
-        if f.get("param", "pixels") != "pixels" or f.get("init", "real") != "real":
-            sys.exit(f"{work}: drift needs --param=pixels --init=real (has {f.get('param')}, {f.get('init')})")
-        real = data_lib.load(f["dataset"], FLAGS.data_dir or f.get("data_dir") or None)
-        settings = condense.CondenseSettings(workdir=work, init="real", seed=int(f.get("seed", 0)))
-        init = condense.real_init(real, settings, int(f["ipc"])).reshape(images.shape)  # as the run did
-        d = images - init
-        print(f"| {work} | {f.get('method', 'esp')} | {np.abs(d).mean():.3f} | "
+            run = pipeline.load_run(work, data_dir=FLAGS.data_dir)
+        except wd.UserError as e:
+            sys.exit(f"error: {e}")
+        s = run.settings
+        if run.images is None:
+            sys.exit(f"error: {work}: not a finished workdir (no synthetic.npz)")
+        if s.param != "pixels" or s.init != "real":
+            sys.exit(f"error: {work}: drift needs --param=pixels --init=real (has {s.param}, {s.init})")
+        # the initial set exactly as the run built it (same seed, same real images, same range map)
+        init = condense.make_synthetic(run.real, run.condense_settings).render()[0].numpy()
+        d = run.images - init
+        print(f"| {work} | {s.method} | {np.abs(d).mean():.3f} | "
               f"{np.sqrt((d ** 2).mean()):.3f} | {np.sqrt((init ** 2).mean()):.3f} |")
 
 

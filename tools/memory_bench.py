@@ -10,7 +10,7 @@ what a run allocates, so a warm-up run would hide the memory being measured), re
 kernel's peak-RSS counter (/proc/self/clear_refs, Linux), runs one update for the memory and a
 second one for the time (warm). One update is:
   esp: one outer iteration of N ESP steps (each step also updates the synthetic set);
-  tm:  one `baselines.TMStep` call, N student steps unrolled into one graph (MTT).
+  tm:  one `tm.TMStep` call, N student steps unrolled into one graph (MTT).
 Both consume N student steps. "step peak" is the peak resident memory during the measured
 update minus the resident memory just before it (first run, so one-off run set-up is in it
 for both methods); the process peak (VmHWM) is printed beside it.
@@ -63,7 +63,8 @@ def _child(n_steps: int, method: str) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
-    from esp_tf import augment, baselines, data as data_lib, esp, models, subspace
+    from esp_tf import augment, data as data_lib, models, subspace
+    from esp_tf.methods import esp, tm
     from esp_tf.synthetic import PixelSynthetic
 
     c, hw = FLAGS.num_classes, FLAGS.size
@@ -94,7 +95,7 @@ def _child(n_steps: int, method: str) -> dict:
         # MTT's optimizers: SGD momentum 0.5 on pixels (lr_img) and on the student lr (lr_lr).
         opts = {"pixels": keras.optimizers.SGD(100.0, momentum=0.5),
                 "lr": keras.optimizers.SGD(1e-5, momentum=0.5)}
-        step = baselines.TMStep(net, syn, opts, None, baselines.TMConfig(
+        step = tm.TMStep(net, syn, opts, None, tm.TMConfig(
             inner_steps=n_steps, batch_syn=FLAGS.batch_syn or None, dsa=dsa))
         target = theta0 + 0.01 * tf.random.stateless_normal(theta0.shape, [1, 1])
 

@@ -1,0 +1,96 @@
+"""The interface every condensation method implements (see `esp_tf.methods`)."""
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+from esp_tf import subspace
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What the condensation loop hands a method: the student network (`models.FlatModel`), the
+    learnable synthetic set, one optimizer per optimizer group (`Method.optimizer_groups`), the
+    real-data sampler, the expert trajectories [K, S, P] (None for methods that need none), and
+    the run's segment and seed settings."""
+    net: object
+    synthetic: object
+    optimizers: dict
+    sampler: object
+    trajectories: object = None
+    segment_length: int = 2
+    max_start_epoch: int = 20
+    seed: int = 0
+    jit_compile: bool = False
+
+
+class Method:
+    """A condensation method. Subclasses set the class attributes and implement `iteration`.
+
+    Class attributes:
+      Config               frozen dataclass of the method's own settings; its defaults are the
+                           method's defaults (the command line passes only what a user set).
+      flag_fields          command-line flag -> Config field, for the flags this method reads.
+      needs_trajectories   whether the method reads expert trajectories.
+      default_lr_pixels    learning rate of pixel variables under `pixel_optimizer`.
+    """
+
+    Config: type = None
+    flag_fields: dict = {}
+    needs_trajectories: bool = True
+    default_lr_pixels: float = 0.01
+
+    def __init__(self, context: Context, config):
+        self.context, self.config = context, config
+
+    # -- what the loop asks before building the method --------------------------------------
+    @classmethod
+    def updates_per_iteration(cls, config) -> int:
+        """Synthetic-set updates made by one `iteration` (the lr schedules count updates)."""
+        return 1
+
+    @classmethod
+    def pixel_optimizer(cls, lr):
+        """Optimizer of parameterisations that take the method's own (pixels): Adam here."""
+        return keras.optimizers.Adam(lr)
+
+    @classmethod
+    def extra_optimizers(cls, config) -> dict:
+        """Optimizers of the method's own variables (e.g. MTT's learnable lr), by name."""
+        return {}
+
+    @classmethod
+    def describe(cls, config) -> str:
+        """A few words for the run's start line."""
+        return ""
+
+    # -- the method at work -------------------------------------------------------------------
+    def state(self) -> dict:
+        """The method's own variables: checkpointed with the set and checked for NaN/inf."""
+        return {}
+
+    def iteration(self, it: int, after_update) -> tuple[list, dict]:
+        """Runs iteration `it`: one or more updates of the synthetic set, calling
+        `after_update()` after each. Returns (per-update metric dicts, info ints to log)."""
+        raise NotImplementedError
+
+    # -- helpers ------------------------------------------------------------------------------
+    def update_seed(self, n: int) -> list:
+        """The seed of update n of the run (every random draw of an update derives from it)."""
+        return [self.context.seed + 1_000_003, n]
+
+    def segment_fn(self, transform):
+        """A compiled `f(it) -> (theta_start, transform(segment), expert, start_epoch)`: the
+        expert segment of iteration `it` (seeded by (seed, it)), its first snapshot, and
+        `transform` of the whole segment [T+1, P] (e.g. its orthonormal basis)."""
+        ctx = self.context
+        trajs = tf.constant(ctx.trajectories, tf.float32)
+
+        @tf.function
+        def segment_for(seed):
+            segment, k, t = subspace.select_segment(trajs, seed, ctx.segment_length, ctx.max_start_epoch)
+            return segment[0], transform(segment), k, t
+
+        return lambda it: segment_for(tf.constant([ctx.seed, it], tf.int64))
