@@ -37,3 +37,23 @@ def fake_real(num_classes: int, hw: int, channels: int, per_class: int, test_per
         test_labels=np.repeat(np.arange(num_classes), test_per_class).astype(np.int32),
         class_names=tuple("abcdefghijklmnopqrstuvwxyz"[:num_classes]),
         mean=np.full(channels, 0.5, np.float32), std=np.full(channels, 0.25, np.float32))
+
+
+def tiny_net(hw: int, channels: int, num_classes: int, width: int = 4, depth: int = 2, **kw):
+    """A tiny ConvNet (models.convnet) behind the flat parameter view, for fast loop tests."""
+    from esp_tf import models
+    return models.FlatModel(models.convnet((hw, hw, channels), num_classes, width=width, depth=depth, **kw))
+
+
+def run_python(args, *, cwd=REPO, env=None, timeout=600, check=False):
+    """Runs `python <args>` (a module with -m, a tool script, or -c code) with TensorFlow quiet;
+    returns the CompletedProcess with text output. `timeout` is a hang guard, not a time limit.
+    check=True raises with the tail of both outputs on a non-zero exit."""
+    import subprocess
+    import sys
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    out = subprocess.run([sys.executable, *[str(a) for a in args]], cwd=cwd, env=full_env,
+                         capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"exit {out.returncode}\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-5000:]}")
+    return out

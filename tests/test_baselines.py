@@ -1,24 +1,20 @@
 """Baselines: DM on fresh random nets, MTT's unrolled trajectory matching, herding, memory_bench."""
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import fake_real
-from esp_tf import baselines, data as data_lib, models
+from conftest import REPO, fake_real, run_python, tiny_net
+from esp_tf import baselines, data as data_lib
 from esp_tf.methods import dm, esp, tm
 from esp_tf.synthetic import PixelSynthetic
 
 C, IPC, HW, PER_CLASS = 3, 2, 8, 6
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny_net(dtype="float32", act="relu"):
-    return models.FlatModel(models.convnet((HW, HW, 1), C, width=4, depth=2, act=act, dtype=dtype))
+    return tiny_net(HW, 1, C, act=act, dtype=dtype)
 
 
 def _fake_real():
@@ -166,10 +162,9 @@ def test_herding_subset_returns_class_major_real_images():
 
 def test_memory_bench_compares_tm_with_esp_and_ends_with_the_ratio_line(tmp_path):
     plot = tmp_path / "mem.png"
-    cmd = [sys.executable, os.path.join(REPO, "tools", "memory_bench.py"), "--methods=esp,tm",
-           "--steps=2,4", "--ipc=1", "--num_classes=2", "--size=8", "--width=4",
-           "--real_per_class=2", "--nodsa", f"--plot={plot}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)   # a hang guard, not a time limit
+    out = run_python([REPO / "tools" / "memory_bench.py", "--methods=esp,tm", "--steps=2,4", "--ipc=1",
+                      "--num_classes=2", "--size=8", "--width=4", "--real_per_class=2", "--nodsa",
+                      f"--plot={plot}"])
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith("TM/ESP peak-memory ratio at N=4: "), lines[-1]

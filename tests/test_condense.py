@@ -7,8 +7,9 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from conftest import fake_real
-from esp_tf import cli, condense, methods, models
+from conftest import fake_real, tiny_net
+from esp_tf import cli, condense, methods
+from esp_tf.synthetic import PARAMETERISATIONS
 
 C, HW = 3, 16
 
@@ -23,32 +24,49 @@ _TINY = {"esp": dict(inner_steps=2, real_per_class=3), "dm": dict(real_per_class
 
 def _settings(tmp_path, method="esp", **kw):
     base = dict(workdir=str(tmp_path), method=method, ipc=2, iterations=2, segment_length=1,
-                max_start_epoch=2, method_config=methods.get(method).Config(**_TINY[method]),
+                max_start_epoch=2, method_config=methods.get(method).Config(**_TINY.get(method, {})),
                 ckpt_every=1, log_every=1)
     base.update(kw)
     return condense.CondenseSettings(**base)
 
 
-@pytest.mark.parametrize("method,param", [("esp", "pixels"), ("esp", "latents"), ("dm", "pixels"),
-                                          ("tm", "pixels")])
-def test_every_method_and_parameterisation_condenses_and_checkpoints(tmp_path, method, param):
+def _tiny_run(tmp_path, method, param, **kw):
+    """A tiny real set, net, trajectories and settings for `method` x `param` (any registered)."""
     real = _real()
-    net = models.FlatModel(models.convnet((HW, HW, 3), C, width=4, depth=2))
+    net = tiny_net(HW, 3, C)
     trajs = np.stack([np.stack([net.init([k, e]).numpy() for e in range(3)]) for k in range(2)])
+    config = methods.get(method).Config(**_TINY.get(method, {}))
     s = _settings(tmp_path, method=method, param=param, ipc=2 if param == "pixels" else 4,
-                  num_decoders=2, lr_pixels=0.01)
-    assert s.method_config == methods.get(method).Config(**_TINY[method])
-    images, labels, syn = condense.run(real, net, None if method == "dm" else trajs, s)
+                  num_decoders=2, lr_pixels=0.01, method_config=config, **kw)
+    return real, net, trajs if methods.get(method).needs_trajectories else None, s
+
+
+# The harness every registered method x parameterisation passes (a new one is tested by registering it).
+@pytest.mark.parametrize("method,param", [(m, p) for m in methods.NAMES for p in PARAMETERISATIONS])
+def test_every_method_and_parameterisation_condenses_checkpoints_and_resumes(tmp_path, method, param):
+    real, net, trajs, s = _tiny_run(tmp_path / "whole", method, param)
+    images, labels, syn = condense.run(real, net, trajs, s)
     assert images.shape[0] == labels.shape[0] == C * syn.images_per_class
     if param == "latents":
         assert syn.images_per_class > s.ipc
     init = condense.make_synthetic(real, s).render()[0].numpy()
     assert not np.allclose(images, init)                      # the set was optimised
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["updates"] for r in rows] == ([2, 4] if method == "esp" else [1, 2])
-    assert (tmp_path / "ckpt" / "checkpoint").exists()
-    again, _, _ = condense.run(real, net, None if method == "dm" else trajs, s)   # finished: restores
+    per_it = s.updates_per_iteration
+    rows = [json.loads(l) for l in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["updates"] for r in rows] == [per_it, 2 * per_it]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    again, _, _ = condense.run(real, net, trajs, s)             # finished: restores, no update
     np.testing.assert_array_equal(again, images)
+    # an interrupted run (its last checkpoint lost) resumes from the first and ends identical
+    _, _, _, s2 = _tiny_run(tmp_path / "cut", method, param)
+    condense.run(real, net, trajs, s2)
+    ckpt = tmp_path / "cut" / "ckpt"
+    for f in ckpt.glob("ckpt-2.*"):
+        f.unlink()
+    (ckpt / "checkpoint").unlink()
+    (tmp_path / "cut" / "synthetic.npz").unlink()
+    resumed, _, _ = condense.run(real, net, trajs, s2)
+    np.testing.assert_array_equal(resumed, images)
 
 
 @pytest.mark.parametrize("argv,expect", [
@@ -102,7 +120,7 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_last_checkpoint(
     import tensorflow as tf
     from esp_tf import workdir as wd
     real = _real()
-    net = models.FlatModel(models.convnet((HW, HW, 3), C, width=4, depth=2))
+    net = tiny_net(HW, 3, C)
     trajs = np.stack([np.stack([net.init([k, e]).numpy() for e in range(3)]) for k in range(2)])
     # unclipped renders: clipping bounds the images, so this lr no longer blows the set up
     condense.run(real, net, trajs, _settings(tmp_path, iterations=2, clip_pixels=False))
@@ -121,7 +139,7 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_last_checkpoint(
 def test_a_checkpoint_of_another_configuration_is_refused_clearly(tmp_path):
     from esp_tf import workdir as wd
     real = _real()
-    net = models.FlatModel(models.convnet((HW, HW, 3), C, width=4, depth=2))
+    net = tiny_net(HW, 3, C)
     trajs = np.stack([np.stack([net.init([k, e]).numpy() for e in range(3)]) for k in range(2)])
     condense.run(real, net, trajs, _settings(tmp_path, iterations=1))
     with pytest.raises(wd.UserError, match="does not match"):

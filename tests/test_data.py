@@ -1,18 +1,18 @@
 """Tests for esp_tf.data and the embedded fashion_mnist_mini dataset (all offline)."""
 import collections
-import pathlib
 import socket
 import sys
 import time
 
 import numpy as np
 import pytest
+
+from conftest import REPO
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from esp_tf import data
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 NPZ = REPO / "esp_tf" / "datasets" / "fashion_mnist_mini" / "fashion_mnist_mini.npz"
 FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")

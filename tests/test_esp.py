@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import fake_real
-from esp_tf import data as data_lib, models, subspace
+from conftest import fake_real, tiny_net
+from esp_tf import data as data_lib, subspace
 from esp_tf.methods import esp
 from esp_tf.synthetic import PixelSynthetic
 
@@ -14,7 +14,7 @@ C, IPC, HW = 3, 2, 8
 
 
 def _tiny_net(dtype="float32", act="relu"):
-    return models.FlatModel(models.convnet((HW, HW, 1), C, width=4, depth=2, act=act, dtype=dtype))
+    return tiny_net(HW, 1, C, act=act, dtype=dtype)
 
 
 def _float64_problem():

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from conftest import fake_real
-from esp_tf import experts, models
+from conftest import fake_real, tiny_net
+from esp_tf import experts
 from esp_tf.trajectories import TrajectoryError, TrajectoryStore
 
 C, HW = 3, 8
@@ -14,7 +14,7 @@ def _real():
 
 
 def _setup(epochs=3):
-    net = models.FlatModel(models.convnet((HW, HW, 1), C, width=4, depth=2))
+    net = tiny_net(HW, 1, C)
     config = experts.ExpertConfig(epochs=epochs, batch_size=16, lr=0.05)
     meta = experts.expert_meta(net, "convnet", {"width": 4, "depth": 2}, "fake", C, config)
     return net, config, meta
@@ -61,7 +61,7 @@ def test_experts_of_another_model_are_refused(tmp_path):
     net, config, meta = _setup(epochs=1)
     store = TrajectoryStore(str(tmp_path))
     experts.generate(store, net, _real(), meta, 1, config)
-    other = models.FlatModel(models.convnet((HW, HW, 1), C, width=6, depth=2))
+    other = tiny_net(HW, 1, C, width=6)
     meta2 = experts.expert_meta(other, "convnet", {"width": 6, "depth": 2}, "fake", C, config)
     with pytest.raises(TrajectoryError, match="layout"):
         experts.generate(store, other, _real(), meta2, 1, config)

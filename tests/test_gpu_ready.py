@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import fake_real
-from esp_tf import augment, data as data_lib, experts, models, subspace
+from conftest import fake_real, tiny_net
+from esp_tf import augment, data as data_lib, experts, subspace
 from esp_tf.methods import dm, esp, tm
 from esp_tf.synthetic import PixelSynthetic
 
@@ -26,7 +26,7 @@ def _all_op_types(concrete) -> set:
 
 
 def _net():
-    return models.FlatModel(models.convnet((HW, HW, 1), C, width=4, depth=2))
+    return tiny_net(HW, 1, C)
 
 
 def _synthetic():

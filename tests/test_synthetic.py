@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import fake_real
-from esp_tf import data as data_lib, models, subspace
+from conftest import fake_real, tiny_net
+from esp_tf import data as data_lib, subspace
 from esp_tf.methods import esp
 from esp_tf.synthetic import LatentSynthetic, PixelSynthetic, bilinear_matrix, latent_plan
 
@@ -135,7 +135,7 @@ def test_first_order_gradients_reach_codes_and_every_decoder_tensor():
 @pytest.mark.parametrize("losses", [("proj",), ("proj", "dm")])
 def test_esp_outer_loss_gradient_reaches_codes_and_decoders(losses):
     """The projection loss is a gradient of a gradient: its gradient must still reach decoders."""
-    net = models.FlatModel(models.convnet((HW, HW, 1), C, width=4, depth=2, act="softplus"))
+    net = tiny_net(HW, 1, C, act="softplus")
     theta = net.init([1, 2])
     segment = tf.stack([theta + 0.1 * tf.random.stateless_normal(theta.shape, [i, 9]) for i in range(3)])
     basis = subspace.basis(segment)
@@ -156,7 +156,7 @@ def _fake_real(n_per_class=6):
 
 
 def test_esp_step_with_one_optimizer_per_group_updates_codes_and_decoders_without_retracing():
-    net = models.FlatModel(models.convnet((HW, HW, 1), C, width=4, depth=2))
+    net = tiny_net(HW, 1, C)
     syn = _tiny()
     opts = {"codes": keras.optimizers.Adam(0.1), "decoders": keras.optimizers.Adam(0.01)}
     step = esp.ESPStep(net, syn, opts, data_lib.ClassBalancedSampler(_fake_real()),

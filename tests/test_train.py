@@ -3,14 +3,12 @@ artifact; the CLI replays its flags.txt, resumes and refuses clashes; tools read
 import contextlib
 import io
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_python
 
 TINY = ["--num_experts=2", "--expert_epochs=2", "--max_start_epoch=1", "--segment_length=2",
         "--iterations=4", "--inner_steps=2", "--real_per_class=4", "--eval_epochs=3",
@@ -19,12 +17,9 @@ TINY = ["--num_experts=2", "--expert_epochs=2", "--max_start_epoch=1", "--segmen
 
 
 def _run(args, tmp_path, check=True):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    cmd = [sys.executable, "-m", "esp_tf.train", f"--data_dir={tmp_path / 'tfds'}", "--nodownload"] + args
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
-    if check and out.returncode != 0:
-        raise AssertionError(f"exit {out.returncode}\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-5000:]}")
-    return out
+    """The command line itself (its exit codes and messages are what these tests check)."""
+    return run_python(["-m", "esp_tf.train", f"--data_dir={tmp_path / 'tfds'}", "--nodownload"] + args,
+                      check=check)
 
 
 def _as_settings(argv) -> dict:
@@ -97,9 +92,7 @@ def test_bad_flags_and_missing_datasets_fail_fast_with_clear_messages(tmp_path):
 
 def test_drift_tool_rebuilds_the_real_init_of_a_finished_run(finished_run):
     tmp, work, _ = finished_run
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "drift.py"), str(work)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = run_python([REPO / "tools" / "drift.py", work])
     assert out.returncode == 0, out.stderr[-3000:]
     row = [line for line in out.stdout.splitlines() if line.startswith(f"| {work} |")]
     mean_abs, rms, init_rms = (float(c) for c in row[0].strip("| ").split(" | ")[2:])
@@ -124,9 +117,7 @@ def test_load_run_gives_tools_the_settings_data_net_store_and_set_of_a_run(finis
 
 def test_loss_balance_tool_reads_a_finished_run(finished_run):
     tmp, work, _ = finished_run
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "loss_balance.py"), f"--workdir={work}",
-                          "--segments=2"], capture_output=True, text=True, env=env, timeout=300)
+    out = run_python([REPO / "tools" / "loss_balance.py", f"--workdir={work}", "--segments=2"])
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert len([l for l in lines if l.startswith("expert ")]) == 2
@@ -151,7 +142,7 @@ def test_default_run_renders_valid_pixels_and_the_uint8_export_clips_nothing(fin
 def test_help_lists_the_tools_own_flags_without_loading_tensorflow():
     code = ("import sys, atexit; atexit.register(lambda: print('TF loaded:', 'tensorflow' in sys.modules)); "
             "sys.argv = ['esp-train', '--help']; from esp_tf import train; train.run()")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = run_python(["-c", code])
     assert out.returncode == 0, out.stderr
     assert "--val_per_class" in out.stdout and "--dm_reduction" in out.stdout and "--ipc" in out.stdout
     assert "--only_check_args" not in out.stdout        # not absl's own flags (--helpfull has them)
