@@ -10,12 +10,14 @@ import os
 
 from absl import flags
 
+from esp_tf import shared_flags    # --data_dir, --seed, --verbose and the --eval_* settings
+
+flags.adopt_module_key_flags(shared_flags)   # listed by --help and recorded in flags.txt as ours
 FLAGS = flags.FLAGS
 PHASES = ("experts", "condense", "evaluate", "export")
 
 # -- data & model ------------------------------------------------------------------------
 flags.DEFINE_string("dataset", "fashion_mnist_mini", "TFDS dataset name (embedded default needs no download).")
-flags.DEFINE_string("data_dir", None, "TFDS data_dir holding prepared datasets (default: TFDS's own).")
 flags.DEFINE_bool("download", True, "Download and prepare a missing dataset through TFDS, as tfds.load "
                   "does (needs network); --nodownload: only read prepared data (tests, benchmarks).")
 flags.DEFINE_string("workdir", None, "Output directory of this run (flags, checkpoints, metrics, exports).")
@@ -24,7 +26,6 @@ flags.DEFINE_string("model", "convnet3", "Student/expert network (models.ARCHS).
 flags.DEFINE_integer("width", 128, "ConvNet width (128 in the field's ConvNet-3).")
 flags.DEFINE_integer("depth", 3, "ConvNet depth (3 in the field's ConvNet-3).")
 flags.DEFINE_list("phases", list(PHASES), "Phases to run, in this order: " + ",".join(PHASES))
-flags.DEFINE_integer("seed", 0, "Run seed; every random draw derives from it.")
 flags.DEFINE_integer("val_per_class", 0, "Hold out this many training images per class as a "
                      "validation split (class-balanced, fixed seed): experts and condensation never "
                      "see them, and evaluation scores them beside the test split. Choose "
@@ -58,14 +59,14 @@ flags.DEFINE_enum("dm_reduction", "element_mean", ["sum", "class_mean", "element
                   "(MSE; chosen on a validation split, see BENCHMARKS.md). Sets what --beta means; "
                   "metrics.jsonl logs the resulting pull ratio ('pull').")
 flags.DEFINE_integer("real_per_class", 256, "Real images per class in each DM term (DM default 256).")
-flags.DEFINE_float("lr_pixels", None, "Learning rate of synthetic pixels; default per method: esp 0.01 "
+flags.DEFINE_float("pixels_lr", None, "Learning rate of synthetic pixels; default per method: esp 0.01 "
                    "(Adam), dm 1.0 (SGD, momentum 0.5, as DM), tm 100 (SGD, momentum 0.5, as MTT).")
-flags.DEFINE_integer("batch_syn", 0, "Synthetic images per update (0 = all): esp takes a random "
+flags.DEFINE_integer("syn_batch", 0, "Synthetic images per update (0 = all): esp takes a random "
                      "class-balanced slice (the paper's Figure 8 study); tm per unrolled step (MTT's batch_syn).")
-flags.DEFINE_float("lr_teacher", 0.01, "tm: initial value of the learnable student lr (MTT).")
-flags.DEFINE_float("lr_lr", 1e-5, "tm: SGD lr of the learnable student lr (MTT).")
-flags.DEFINE_float("lr_codes", 0.1, "Adam lr of latent codes (paper 4.2; --param=latents).")
-flags.DEFINE_float("lr_decoders", 0.01, "Adam lr of the shared decoders (paper 4.2; --param=latents).")
+flags.DEFINE_float("student_lr_init", 0.01, "tm: initial value of the learnable student lr (MTT's lr_teacher).")
+flags.DEFINE_float("student_lr_lr", 1e-5, "tm: SGD lr of the learnable student lr (MTT's lr_lr).")
+flags.DEFINE_float("codes_lr", 0.1, "Adam lr of latent codes (paper 4.2; --param=latents).")
+flags.DEFINE_float("decoders_lr", 0.01, "Adam lr of the shared decoders (paper 4.2; --param=latents).")
 flags.DEFINE_integer("num_decoders", 4, "Shared decoders; images per class = codes x decoders (--param=latents).")
 flags.DEFINE_integer("latent_downsample", 2, "Latent codes are image size / this (--param=latents).")
 flags.DEFINE_enum("lr_schedule", "linear", ["linear", "constant"], "Synthetic lr schedule (paper: linear decay).")
@@ -79,21 +80,15 @@ flags.DEFINE_bool("jit_compile", False, "XLA-compile the ESP step (recommended o
 flags.DEFINE_integer("ckpt_every", 50, "Checkpoint the synthetic set every this many iterations.")
 flags.DEFINE_integer("log_every", 10, "Log metrics every this many iterations.")
 
-# -- evaluation (standard protocol) -----------------------------------------------------
+# -- evaluation (standard protocol; --eval_epochs/_runs/_batch/_lr/_dsa are in shared_flags) ---
 flags.DEFINE_string("eval_arch", None, "Architecture trained on the condensed set (models.ARCHS); "
                     "default: the condensation network (--model/--depth), as the field evaluates "
                     "ConvNet-3 sets on ConvNet-3 and Tiny ImageNet's ConvNet-4 sets on ConvNet-4.")
-flags.DEFINE_integer("eval_epochs", 1000, "Training epochs per evaluation run (lr x0.1 at half).")
-flags.DEFINE_integer("eval_runs", 5, "Evaluation runs (seeds); mean +- std reported.")
-flags.DEFINE_integer("eval_batch", 256, "Evaluation batch size.")
-flags.DEFINE_float("eval_lr", 0.01, "Evaluation SGD learning rate (momentum 0.9, wd 5e-4).")
-flags.DEFINE_bool("eval_dsa", True, "DSA during evaluation training (off loses several points).")
 flags.DEFINE_list("baselines", ["random"], "Real-subset baselines evaluated beside the condensed set: "
                   "random, herding (on expert 0's final embeddings).")
 
 flags.DEFINE_bool("restart", False, "Start over in --workdir: its results are moved aside into "
                   "<workdir>/previous-<time>/ (nothing is deleted; experts are kept).")
-flags.DEFINE_bool("verbose", False, "On an error, show the Python traceback too.")
 
 # -- export ------------------------------------------------------------------------------
 flags.DEFINE_string("export_name", None, "TFDS name of the exported set (default esp_<dataset>_ipc<k>).")
@@ -101,7 +96,7 @@ flags.DEFINE_string("export_name", None, "TFDS name of the exported set (default
 
 def validate():
     """Cross-flag checks with messages a user can act on."""
-    errors = []
+    errors = shared_flags.validate()
     if not FLAGS.workdir:
         errors.append("--workdir is required")
     bad = [p for p in FLAGS.phases if p not in PHASES]
@@ -111,7 +106,7 @@ def validate():
     if bad or not FLAGS.losses:
         errors.append(f"--losses: {FLAGS.losses} must be a non-empty subset of proj,dm")
     for name in ("ipc", "iterations", "inner_steps", "segment_length", "num_experts", "expert_epochs",
-                 "eval_epochs", "eval_runs", "real_per_class", "ckpt_every", "log_every", "num_decoders",
+                 "real_per_class", "ckpt_every", "log_every", "num_decoders",
                  "latent_downsample"):
         if getattr(FLAGS, name) < 1:
             errors.append(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
@@ -125,8 +120,8 @@ def validate():
     bad = [b for b in FLAGS.baselines if b not in ("random", "herding")]
     if bad:
         errors.append(f"--baselines: unknown {bad}; available: random, herding")
-    if FLAGS.batch_syn < 0:
-        errors.append("--batch_syn must be >= 0 (0 = all synthetic images)")
+    if FLAGS.syn_batch < 0:
+        errors.append("--syn_batch must be >= 0 (0 = all synthetic images)")
     for f in FLAGS.get_flags_for_module(__name__):      # NaN/inf would poison every update
         if isinstance(f.value, float) and not math.isfinite(f.value):
             errors.append(f"--{f.name} must be a finite number, got {f.value}")
@@ -179,7 +174,7 @@ _DEFAULT_LR_PIXELS = {"esp": 0.01, "dm": 1.0, "tm": 100.0}
 
 
 def lr_pixels() -> float:
-    return FLAGS.lr_pixels if FLAGS.lr_pixels is not None else _DEFAULT_LR_PIXELS[FLAGS.method]
+    return FLAGS.pixels_lr if FLAGS.pixels_lr is not None else _DEFAULT_LR_PIXELS[FLAGS.method]
 
 
 def condense_settings():
@@ -188,16 +183,16 @@ def condense_settings():
     from esp_tf.esp import ESPConfig
     esp = ESPConfig(beta=FLAGS.beta, inner_lr=FLAGS.inner_lr, losses=tuple(FLAGS.losses),
                     real_per_class=FLAGS.real_per_class, dsa=_dsa(FLAGS.dsa),
-                    batch_syn=FLAGS.batch_syn or None, dm_reduction=FLAGS.dm_reduction)
+                    batch_syn=FLAGS.syn_batch or None, dm_reduction=FLAGS.dm_reduction)
     dm = DMConfig(real_per_class=FLAGS.real_per_class, dsa=_dsa(FLAGS.dsa))
-    tm = TMConfig(inner_steps=FLAGS.inner_steps, batch_syn=FLAGS.batch_syn or None,
-                  init_lr=FLAGS.lr_teacher, dsa=_dsa(FLAGS.dsa))
-    return CondenseSettings(workdir=FLAGS.workdir, method=FLAGS.method, dm=dm, tm=tm, lr_lr=FLAGS.lr_lr,
+    tm = TMConfig(inner_steps=FLAGS.inner_steps, batch_syn=FLAGS.syn_batch or None,
+                  init_lr=FLAGS.student_lr_init, dsa=_dsa(FLAGS.dsa))
+    return CondenseSettings(workdir=FLAGS.workdir, method=FLAGS.method, dm=dm, tm=tm, lr_lr=FLAGS.student_lr_lr,
                             ipc=FLAGS.ipc, init=FLAGS.init,
                             iterations=FLAGS.iterations, inner_steps=FLAGS.inner_steps,
                             segment_length=FLAGS.segment_length, max_start_epoch=FLAGS.max_start_epoch,
                             esp=esp, param=FLAGS.param, lr_pixels=lr_pixels(),
-                            lr_codes=FLAGS.lr_codes, lr_decoders=FLAGS.lr_decoders,
+                            lr_codes=FLAGS.codes_lr, lr_decoders=FLAGS.decoders_lr,
                             num_decoders=FLAGS.num_decoders, latent_downsample=FLAGS.latent_downsample,
                             lr_schedule=FLAGS.lr_schedule, clip_pixels=FLAGS.clip_pixels,
                             range_map=FLAGS.range_map,
@@ -206,9 +201,9 @@ def condense_settings():
 
 
 def flag_values() -> dict:
-    """This module's flags as name -> the string flags.txt records for them."""
+    """This tool's flags (ours and the shared ones) as name -> the string flags.txt records for them."""
     out = {}
-    for f in FLAGS.get_flags_for_module(__name__):
+    for f in FLAGS.get_key_flags_for_module(__name__):
         text = f.serialize()
         if text.startswith("--no") and "=" not in text and f.boolean:
             out[f.name] = "False"
@@ -221,7 +216,7 @@ def flag_values() -> dict:
 
 def flags_file_text() -> str:
     """A flagfile that replays this run (--restart and --verbose are never recorded)."""
-    lines = [f.serialize() for f in FLAGS.get_flags_for_module(__name__) if f.name not in ("restart", "verbose")]
+    lines = [f.serialize() for f in FLAGS.get_key_flags_for_module(__name__) if f.name not in ("restart", "verbose")]
     return ("# Resolved flags of this run. Replay: python -m esp_tf.train --flagfile=<this file>\n"
             + "".join(line + "\n" for line in lines if line))
 

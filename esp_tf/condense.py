@@ -125,8 +125,8 @@ def make_optimizers(s: CondenseSettings) -> dict:
     return opts
 
 
-NONFINITE_ADVICE = ("Usual causes: a too large --inner_lr, --lr_pixels (--lr_codes/--lr_decoders with "
-                    "--param=latents, --lr_teacher/--lr_lr with --method=tm) or --beta. Lower them and "
+NONFINITE_ADVICE = ("Usual causes: a too large --inner_lr, --pixels_lr (--codes_lr/--decoders_lr with "
+                    "--param=latents, --student_lr_init/--student_lr_lr with --method=tm) or --beta. Lower them and "
                     "rerun in a new --workdir, or in this one with --restart (its results are moved aside).")
 
 

@@ -48,10 +48,10 @@ def test_every_method_and_parameterisation_condenses_and_checkpoints(tmp_path, m
 
 
 @pytest.mark.parametrize("argv,expect", [
-    (["--method=tm", "--batch_syn=5", "--lr_teacher=0.02", "--inner_steps=7"],
+    (["--method=tm", "--syn_batch=5", "--student_lr_init=0.02", "--inner_steps=7"],
      dict(method="tm", lr_pixels=100.0, tm_steps=7, batch_syn=5, init_lr=0.02)),
     (["--method=dm", "--real_per_class=9"], dict(method="dm", lr_pixels=1.0, dm_real=9)),
-    (["--param=latents", "--lr_codes=0.2", "--num_decoders=3", "--beta=0.5", "--losses=proj"],
+    (["--param=latents", "--codes_lr=0.2", "--num_decoders=3", "--beta=0.5", "--losses=proj"],
      dict(method="esp", param="latents", lr_codes=0.2, num_decoders=3, beta=0.5, losses=("proj",))),
 ])
 def test_condensation_flags_reach_the_settings(argv, expect):
@@ -76,7 +76,7 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_last_checkpoint(
     before = tf.train.latest_checkpoint(str(tmp_path / "ckpt"))
     blown = _settings(tmp_path, iterations=6, lr_pixels=1e38, clip_pixels=False)
     with pytest.raises(wd.UserError, match=r"(loss|set) became non-finite.* at iteration 3;"
-                       r" it was not checkpointed or saved.*--inner_lr, --lr_pixels.* or --beta"):
+                       r" it was not checkpointed or saved.*--inner_lr, --pixels_lr.* or --beta"):
         condense.run(real, net, trajs, blown)
     assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")) == before
     assert before.endswith("-2")
@@ -95,9 +95,9 @@ def test_a_checkpoint_of_another_configuration_is_refused_clearly(tmp_path):
         condense.run(real, net, trajs, _settings(tmp_path, iterations=2, ipc=3))
 
 
-def test_batch_syn_reaches_both_esp_and_tm():
+def test_syn_batch_reaches_both_esp_and_tm():
     with flagsaver.flagsaver():
-        flags.FLAGS(["train", "--workdir=/tmp/x", "--batch_syn=20"])
+        flags.FLAGS(["train", "--workdir=/tmp/x", "--syn_batch=20"])
         s = cli.condense_settings()
     assert s.esp.batch_syn == 20 and s.tm.batch_syn == 20
     with flagsaver.flagsaver():

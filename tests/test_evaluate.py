@@ -173,6 +173,8 @@ def test_help_lists_the_tools_own_flags_without_loading_tensorflow(how):
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "--condensed" in out.stdout and "--protocol" in out.stdout and "--steps_per_epoch" in out.stdout
+    assert "--eval_archs" in out.stdout and "--eval_runs" in out.stdout and "--seed" in out.stdout  # shared
+    assert "--archs (now --eval_archs)" in out.stdout                                      # deprecated
     assert "--only_check_args" not in out.stdout        # not absl's own flags (--helpfull has them)
     assert out.stdout.rstrip().endswith("TF loaded: False")
 
@@ -185,7 +187,7 @@ def test_the_cli_names_the_protocols_of_the_library():
 def test_cli_end_to_end_merges_json_and_prints_the_table(sets, tmp_path):
     output = tmp_path / "results.json"
     output.write_text(json.dumps({"dsa ipc1": {"convnet3": {"accuracies": [1.0], "mean": 1.0, "std": 0.0}}}))
-    out = _cli([f"--condensed={sets['work']}", "--archs=convnet3", "--runs=1", "--epochs=2",
+    out = _cli([f"--condensed={sets['work']}", "--eval_archs=convnet3", "--eval_runs=1", "--eval_epochs=2",
                 f"--output={output}"])
     results = json.loads(output.read_text())
     cell = results["esp ipc1"]["convnet3"]
@@ -202,8 +204,12 @@ def test_cli_notes_a_set_whose_values_leave_the_pixel_range(sets, tmp_path):
     work.mkdir()
     np.savez(work / "synthetic.npz", images=5.0 * sets["images"], labels=sets["labels"])
     (work / "flags.txt").write_text(f"--dataset={SOURCE}\n--data_dir={sets['tfds_dir']}\n")
-    out = _cli([f"--condensed={work}", "--archs=convnet_tiny", "--runs=1", "--epochs=1"])
+    # the names before 0.2 still work, each with a one-line warning naming its new name
+    out = _cli([f"--condensed={work}", "--archs=convnet_tiny", "--runs=1", "--epochs=1", "--method=old"])
     assert "outside the pixel range 0..255" in out.stdout and "--clip_pixels" in out.stdout
+    assert "| method | convnet_tiny |" in out.stdout and "\n| old | " in out.stdout
+    for old, new in (("archs", "eval_archs"), ("runs", "eval_runs"), ("epochs", "eval_epochs"), ("method", "label")):
+        assert f"warning: --{old} is deprecated; use --{new}\n" in out.stderr
 
 
 def test_cli_bad_input_exits_2_with_a_clear_message_and_no_traceback(sets, tmp_path):
@@ -211,11 +217,12 @@ def test_cli_bad_input_exits_2_with_a_clear_message_and_no_traceback(sets, tmp_p
     missing.mkdir()
     np.savez(missing / "synthetic.npz", images=sets["images"], labels=sets["labels"])
     (missing / "flags.txt").write_text(f"--dataset=cifar10\n--data_dir={tmp_path / 'empty'}\n")
-    cases = [[f"--condensed={tmp_path / 'missing_source'}", "--archs=convnet3,resnet999"],
+    cases = [[f"--condensed={tmp_path / 'missing_source'}", "--eval_archs=convnet3,resnet999"],
              [f"--condensed={missing}"],
              [f"--condensed={tmp_path}"],
              ["--condensed=no_such_set", f"--data_dir={sets['tfds_dir']}"],
-             [f"--condensed={sets['work']}", "--steps_per_epoch=5"]]
+             [f"--condensed={sets['work']}", "--steps_per_epoch=5"],
+             [f"--condensed={sets['work']}", "--runs=2", "--eval_runs=3"]]      # both names of one flag
     script = textwrap.dedent(f"""
         import sys
         from absl import flags
@@ -232,13 +239,15 @@ def test_cli_bad_input_exits_2_with_a_clear_message_and_no_traceback(sets, tmp_p
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
     err = out.stderr
-    assert err.count("EXIT 2") == 5, err[-3000:]
+    assert err.count("EXIT 2") == 6, err[-3000:]
     assert "--steps_per_epoch applies to --full only" in err
     assert "Traceback" not in err
     assert "unknown ['resnet999']" in err
     assert "'cifar10' is not available" in err and "data_dir" in err
     assert "neither an esp_tf workdir" in err
     assert "no TFDS dataset 'no_such_set'" in err
+    assert ("error: --runs=2 and --eval_runs=3 disagree: --runs is the deprecated name of --eval_runs; "
+            "give only --eval_runs\nEXIT 2") in err
 
 
 @pytest.mark.slow
