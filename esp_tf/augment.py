@@ -21,6 +21,8 @@ the composed warp equals the reference's sequential ops; flip and integer crop a
 exact (bilinear weights are exactly 0/1).  Keras' random layers are not usable here:
 they cannot share parameters between batches, and RandomBrightness fails on a tf.Variable
 input (Keras 3.15).
+
+``cutmix(seed, x, y, prob)`` (IDC's evaluation augmentation) is stateless in the same way.
 """
 from __future__ import annotations
 
@@ -273,3 +275,38 @@ def apply(x, params) -> tf.Tensor:
     if x.shape[1] < 2 or x.shape[2] < 2:
         raise ValueError(f"apply needs H, W >= 2 (align_corners grid); got shape {x.shape}")
     return _cutout(_warp(_color(x, params), params), params)
+
+
+# -- CutMix: the IDC evaluation protocol's augmentation (it mixes labels, so it trains networks
+# on a set; it is not Siamese and no matching loss uses it) ----------------------------------
+def cutmix_box(seed, n: int, height: int, width: int, prob: float, beta: float) -> dict:
+    """Random CutMix parameters (IDC's rand_bbox): applied with `prob`, lam ~ Beta(beta, beta),
+    a batch permutation, and a box of side floor(size*sqrt(1-lam)) (halved, rounded down, on each
+    side of a uniform centre, clipped to the image). Rows [y1, y2), columns [x1, x2)."""
+    s = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 6)
+    applied = tf.random.stateless_uniform([], s[0]) < prob
+    g1, g2 = (tf.random.stateless_gamma([], s[i], alpha=beta) for i in (1, 2))
+    lam = g1 / (g1 + g2)
+    perm = tf.argsort(tf.random.stateless_uniform([n], s[3]))
+    cut = tf.sqrt(1.0 - lam)
+    half_h = tf.cast(tf.floor(height * cut), tf.int32) // 2
+    half_w = tf.cast(tf.floor(width * cut), tf.int32) // 2
+    cy = tf.random.stateless_uniform([], s[4], 0, height, tf.int32)
+    cx = tf.random.stateless_uniform([], s[5], 0, width, tf.int32)
+    y1, y2 = tf.clip_by_value(cy - half_h, 0, height), tf.clip_by_value(cy + half_h, 0, height)
+    x1, x2 = tf.clip_by_value(cx - half_w, 0, width), tf.clip_by_value(cx + half_w, 0, width)
+    y2, x2 = tf.where(applied, y2, y1), tf.where(applied, x2, x1)  # not applied: empty box
+    return {"applied": applied, "lam": lam, "perm": perm, "y1": y1, "y2": y2, "x1": x1, "x2": x2}
+
+
+def cutmix(seed, x, y, prob: float, beta: float = 1.0):
+    """CutMix: pastes a box of a permuted batch into x. Returns (mixed x [B,H,W,C], permuted
+    labels [B], ratio): the loss is ratio * CE(y) + (1 - ratio) * CE(permuted labels)."""
+    _, h, w, _ = x.shape
+    box = cutmix_box(seed, x.shape[0], h, w, prob, beta)
+    rows, cols = tf.range(h), tf.range(w)
+    inside = (((rows >= box["y1"]) & (rows < box["y2"]))[:, None]
+              & ((cols >= box["x1"]) & (cols < box["x2"]))[None, :])          # [H, W]
+    mixed = tf.where(inside[None, :, :, None], tf.gather(x, box["perm"]), x)
+    area = tf.cast((box["y2"] - box["y1"]) * (box["x2"] - box["x1"]), tf.float32)
+    return mixed, tf.gather(y, box["perm"]), 1.0 - area / float(h * w)

@@ -12,14 +12,15 @@ import typing
 
 from absl import flags
 
+from esp_tf import shared_flags    # --data_dir, --seed, --verbose and the --eval_* settings
 from esp_tf.methods import NAMES as METHOD_NAMES
 
+flags.adopt_module_key_flags(shared_flags)   # listed by --help and recorded in flags.txt as ours
 FLAGS = flags.FLAGS
 PHASES = ("experts", "condense", "evaluate", "export")
 
 # -- data & model ------------------------------------------------------------------------
 flags.DEFINE_string("dataset", "fashion_mnist_mini", "TFDS dataset name (embedded default needs no download).")
-flags.DEFINE_string("data_dir", None, "TFDS data_dir holding prepared datasets (default: TFDS's own).")
 flags.DEFINE_bool("download", True, "Download and prepare a missing dataset through TFDS, as tfds.load "
                   "does (needs network); --nodownload: only read prepared data (tests, benchmarks).")
 flags.DEFINE_string("workdir", None, "Output directory of this run (flags, checkpoints, metrics, exports).")
@@ -28,7 +29,6 @@ flags.DEFINE_string("model", "convnet3", "Student/expert network (models.ARCHS).
 flags.DEFINE_integer("width", 128, "ConvNet width (128 in the field's ConvNet-3).")
 flags.DEFINE_integer("depth", 3, "ConvNet depth (3 in the field's ConvNet-3).")
 flags.DEFINE_list("phases", list(PHASES), "Phases to run, in this order: " + ",".join(PHASES))
-flags.DEFINE_integer("seed", 0, "Run seed; every random draw derives from it.")
 flags.DEFINE_integer("val_per_class", 0, "Hold out this many training images per class as a "
                      "validation split (class-balanced, fixed seed): experts and condensation never "
                      "see them, and evaluation scores them beside the test split. Choose "
@@ -66,15 +66,15 @@ flags.DEFINE_enum("dm_reduction", None, ["sum", "class_mean", "element_mean"],
                   "metrics.jsonl logs the resulting pull ratio ('pull').")
 flags.DEFINE_integer("real_per_class", None, "Method setting (esp, dm). Real images per class in each "
                      "DM term.")
-flags.DEFINE_float("lr_pixels", None, "Learning rate of synthetic pixels; default: the method's own "
+flags.DEFINE_float("pixels_lr", None, "Learning rate of synthetic pixels; default: the method's own "
                    "(Method.default_lr_pixels, with its optimizer: Adam for esp, SGD with momentum 0.5 for dm and tm).")
-flags.DEFINE_integer("batch_syn", None, "Method setting (esp, tm). Synthetic images per update (0 or "
+flags.DEFINE_integer("syn_batch", None, "Method setting (esp, tm). Synthetic images per update (0 or "
                      "unset = all): esp takes a random "
                      "class-balanced slice (the paper's Figure 8 study); tm per unrolled step (MTT's batch_syn).")
-flags.DEFINE_float("lr_teacher", None, "Method setting (tm). Initial value of the learnable student lr (MTT).")
-flags.DEFINE_float("lr_lr", None, "Method setting (tm). SGD lr of the learnable student lr (MTT).")
-flags.DEFINE_float("lr_codes", 0.1, "Adam lr of latent codes (paper 4.2; --param=latents).")
-flags.DEFINE_float("lr_decoders", 0.01, "Adam lr of the shared decoders (paper 4.2; --param=latents).")
+flags.DEFINE_float("student_lr_init", None, "Method setting (tm). Initial value of the learnable student lr (MTT's lr_teacher).")
+flags.DEFINE_float("student_lr_lr", None, "Method setting (tm). SGD lr of the learnable student lr (MTT's lr_lr).")
+flags.DEFINE_float("codes_lr", 0.1, "Adam lr of latent codes (paper 4.2; --param=latents).")
+flags.DEFINE_float("decoders_lr", 0.01, "Adam lr of the shared decoders (paper 4.2; --param=latents).")
 flags.DEFINE_integer("num_decoders", 4, "Shared decoders; images per class = codes x decoders (--param=latents).")
 flags.DEFINE_integer("latent_downsample", 2, "Latent codes are image size / this (--param=latents).")
 flags.DEFINE_enum("lr_schedule", "linear", ["linear", "constant"], "Synthetic lr schedule (paper: linear decay).")
@@ -88,21 +88,15 @@ flags.DEFINE_bool("jit_compile", False, "XLA-compile the ESP step (recommended o
 flags.DEFINE_integer("ckpt_every", 50, "Checkpoint the synthetic set every this many iterations.")
 flags.DEFINE_integer("log_every", 10, "Log metrics every this many iterations.")
 
-# -- evaluation (standard protocol) -----------------------------------------------------
+# -- evaluation (standard protocol; --eval_epochs/_runs/_batch/_lr/_dsa are in shared_flags) ---
 flags.DEFINE_string("eval_arch", None, "Architecture trained on the condensed set (models.ARCHS); "
                     "default: the condensation network (--model/--depth), as the field evaluates "
                     "ConvNet-3 sets on ConvNet-3 and Tiny ImageNet's ConvNet-4 sets on ConvNet-4.")
-flags.DEFINE_integer("eval_epochs", 1000, "Training epochs per evaluation run (lr x0.1 at half).")
-flags.DEFINE_integer("eval_runs", 5, "Evaluation runs (seeds); mean +- std reported.")
-flags.DEFINE_integer("eval_batch", 256, "Evaluation batch size.")
-flags.DEFINE_float("eval_lr", 0.01, "Evaluation SGD learning rate (momentum 0.9, wd 5e-4).")
-flags.DEFINE_bool("eval_dsa", True, "DSA during evaluation training (off loses several points).")
 flags.DEFINE_list("baselines", ["random"], "Real-subset baselines evaluated beside the condensed set: "
                   "random, herding (on expert 0's final embeddings).")
 
 flags.DEFINE_bool("restart", False, "Start over in --workdir: its results are moved aside into "
                   "<workdir>/previous-<time>/ (nothing is deleted; experts are kept).")
-flags.DEFINE_bool("verbose", False, "On an error, show the Python traceback too.")
 
 # -- export ------------------------------------------------------------------------------
 flags.DEFINE_string("export_name", None, "TFDS name of the exported set (default esp_<dataset>_ipc<k>).")
@@ -111,7 +105,7 @@ flags.DEFINE_string("export_name", None, "TFDS name of the exported set (default
 # =====================================================================================
 # Settings: the flags above as one frozen value, for the library and the command line alike
 # =====================================================================================
-NAMES = tuple(f.name for f in FLAGS.get_flags_for_module(__name__))
+NAMES = tuple(f.name for f in FLAGS.get_key_flags_for_module(__name__))   # ours + the shared ones
 # Run options that are not settings of the result (not recorded in flags.txt).
 _NOT_RECORDED = ("restart", "verbose")
 Settings = dataclasses.make_dataclass(
@@ -154,8 +148,8 @@ def method_config(s: Settings, name: str | None = None):
 
 
 # Method settings: flag values <-> config fields, where the two differ in type.
-_TO_CONFIG = {"losses": tuple, "batch_syn": lambda v: v or None}
-_TO_FLAG = {"losses": list, "batch_syn": lambda v: v or 0}
+_TO_CONFIG = {"losses": tuple, "syn_batch": lambda v: v or None}
+_TO_FLAG = {"losses": list, "syn_batch": lambda v: v or 0}
 
 
 def resolve(s: Settings) -> Settings:
@@ -190,7 +184,7 @@ def validate(s: Settings) -> list:
     if bad:
         errors.append(f"--phases: unknown {bad}; choose from {','.join(PHASES)}")
     for name in ("ipc", "iterations", "segment_length", "num_experts", "expert_epochs",
-                 "eval_epochs", "eval_runs", "ckpt_every", "log_every", "num_decoders",
+                 "eval_epochs", "eval_runs", "eval_batch", "ckpt_every", "log_every", "num_decoders",
                  "latent_downsample"):
         if getattr(s, name) < 1:
             errors.append(f"--{name} must be >= 1, got {getattr(s, name)}")
@@ -257,8 +251,8 @@ def condense_settings(s: Settings):
     return CondenseSettings(workdir=s.workdir, method=s.method, method_config=method_config(s),
                             ipc=s.ipc, init=s.init, iterations=s.iterations,
                             segment_length=s.segment_length, max_start_epoch=s.max_start_epoch,
-                            param=s.param, lr_pixels=s.lr_pixels, lr_codes=s.lr_codes,
-                            lr_decoders=s.lr_decoders, num_decoders=s.num_decoders,
+                            param=s.param, pixels_lr=s.pixels_lr, codes_lr=s.codes_lr,
+                            decoders_lr=s.decoders_lr, num_decoders=s.num_decoders,
                             latent_downsample=s.latent_downsample, lr_schedule=s.lr_schedule,
                             clip_pixels=s.clip_pixels, range_map=s.range_map, seed=s.seed,
                             ckpt_every=s.ckpt_every, log_every=s.log_every, jit_compile=s.jit_compile)

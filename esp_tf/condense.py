@@ -39,9 +39,9 @@ class CondenseSettings:
     segment_length: int = 2
     max_start_epoch: int = 20        # segments start at epoch t ~ U{0..max_start_epoch-1} (MTT)
     param: str = "pixels"            # a name in synthetic.PARAMETERISATIONS (pixels, latents)
-    lr_pixels: float | None = None   # pixels' lr (normalised units); None: the method's own
-    lr_codes: float = 0.1            # Adam lr of latent codes (paper 4.2)
-    lr_decoders: float = 0.01        # Adam lr of the shared decoders (paper 4.2)
+    pixels_lr: float | None = None   # pixels' lr (normalised units); None: the method's own
+    codes_lr: float = 0.1            # Adam lr of latent codes (paper 4.2)
+    decoders_lr: float = 0.01        # Adam lr of the shared decoders (paper 4.2)
     num_decoders: int = 4            # latents: decoders shared by all classes
     latent_downsample: int = 2       # latents: codes are H/f x W/f
     lr_schedule: str = "linear"      # linear decay to 0 over all updates (paper 4.2), or constant
@@ -115,8 +115,8 @@ def make_optimizers(s: CondenseSettings) -> dict:
     return {**opts, **s.method_class.extra_optimizers(s.method_config)}
 
 
-NONFINITE_ADVICE = ("Usual causes: a too large --inner_lr, --lr_pixels (--lr_codes/--lr_decoders with "
-                    "--param=latents, --lr_teacher/--lr_lr with --method=tm) or --beta. Lower them and "
+NONFINITE_ADVICE = ("Usual causes: a too large --inner_lr, --pixels_lr (--codes_lr/--decoders_lr with "
+                    "--param=latents, --student_lr_init/--student_lr_lr with --method=tm) or --beta. Lower them and "
                     "rerun in a new --workdir, or in this one with --restart (its results are moved aside).")
 
 

@@ -130,8 +130,8 @@ class PixelSynthetic(tf.Module):
     @classmethod
     def learning_rates(cls, s, method) -> dict:
         """Group -> (optimizer factory, learning rate): pixels take the method's own optimizer
-        (Adam for ESP, SGD with momentum for DM and MTT) at --lr_pixels or the method's lr."""
-        lr = s.lr_pixels if s.lr_pixels is not None else method.default_lr_pixels
+        (Adam for ESP, SGD with momentum for DM and MTT) at --pixels_lr or the method's lr."""
+        lr = s.pixels_lr if s.pixels_lr is not None else method.default_lr_pixels
         return {"pixels": (method.pixel_optimizer, lr)}
 
     def budget(self) -> dict:
@@ -366,9 +366,9 @@ class LatentSynthetic(tf.Module):
 
     @classmethod
     def learning_rates(cls, s, method) -> dict:
-        """Codes and decoders: Adam, whatever the method (paper 4.2), at --lr_codes/--lr_decoders."""
-        return {"codes": (keras.optimizers.Adam, s.lr_codes),
-                "decoders": (keras.optimizers.Adam, s.lr_decoders)}
+        """Codes and decoders: Adam, whatever the method (paper 4.2), at --codes_lr/--decoders_lr."""
+        return {"codes": (keras.optimizers.Adam, s.codes_lr),
+                "decoders": (keras.optimizers.Adam, s.decoders_lr)}
 
 
 # Parameterisations by name (--param). Each class gives the condensation loop the same interface:

@@ -43,7 +43,7 @@ def _user_errors() -> tuple:
 def run():
     verbose = lambda: FLAGS.is_parsed() and FLAGS.verbose     # noqa: E731
     try:
-        app.run(main, flags_parser=wd.flags_parser(__doc__, cli.__name__))
+        app.run(main, flags_parser=wd.flags_parser(__doc__, cli.__name__, wd.RENAMED_TRAIN_FLAGS))
     except SystemExit:          # --help, usage errors: before the clauses below import anything
         raise
     except _user_errors() as e:   # no traceback, exit 2

@@ -80,16 +80,16 @@ def test_efficientnetv2s_parameter_count_matches_keras_applications():
 @pytest.mark.parametrize("name", ["resnet10", "densenet121"])
 def test_one_training_step_updates_weights_and_batchnorm_statistics(name):
     config = evaluate.protocol_config("standard", name, epochs=1, dsa=False, batch_size=8)  # DSA: test_augment
-    run = evaluate._Run(config, (32, 32, 3), 10)
-    run.reset(0)
-    assert run.flat is None                        # stateful: trained through Keras variables
-    before = [v.numpy().copy() for v in run.model.variables]
+    trainer = evaluate.Trainer(config, (32, 32, 3), 10)
+    trainer.reset(0)
+    assert trainer.flat is None                        # stateful: trained through Keras variables
+    before = [v.numpy().copy() for v in trainer.model.variables]
     x = tf.random.stateless_normal((8, 32, 32, 3), [3, 4])
     # DenseNet's graph takes ~15 s to trace: run the very same step function eagerly for it.
-    step = run.train_step if name == "resnet10" else run._train_step
+    step = trainer.train_step if name == "resnet10" else trainer.train_step.python_function
     loss = step(x, tf.range(8) % 10, tf.constant(0.01), tf.constant([0, 0], tf.int64))
     assert np.isfinite(float(loss))
-    changed = {v.path.rsplit("/", 1)[-1] for v, b in zip(run.model.variables, before)
+    changed = {v.path.rsplit("/", 1)[-1] for v, b in zip(trainer.model.variables, before)
                if not np.array_equal(v.numpy(), b)}
     assert {"kernel", "gamma", "moving_mean", "moving_variance"} <= changed
 
@@ -108,14 +108,15 @@ def test_efficientnetv2_code_path_builds_and_takes_one_training_step(shape, monk
     monkeypatch.setitem(models.ARCHS, "effnet_toy",
                         lambda s, c, **kw: archs.efficientnetv2(s, c, stack=TINY_EFFNET, **kw))
     config = evaluate.protocol_config("standard", "effnet_toy", epochs=1, dsa=False, batch_size=4)
-    run = evaluate._Run(config, shape, 10)
-    run.reset(0)
-    assert run.model.output.shape == (None, 10)
-    before = [v.numpy().copy() for v in run.model.variables]
+    trainer = evaluate.Trainer(config, shape, 10)
+    trainer.reset(0)
+    assert trainer.model.output.shape == (None, 10)
+    before = [v.numpy().copy() for v in trainer.model.variables]
     x = tf.random.stateless_normal((4, *shape), [7, 8])
-    loss = run._train_step(x, tf.range(4), tf.constant(0.01), tf.constant([0, 0], tf.int64))  # eager
+    eager = trainer.train_step.python_function
+    loss = eager(x, tf.range(4), tf.constant(0.01), tf.constant([0, 0], tf.int64))
     assert np.isfinite(float(loss))
-    changed = {v.path.rsplit("/", 1)[-1] for v, b in zip(run.model.variables, before)
+    changed = {v.path.rsplit("/", 1)[-1] for v, b in zip(trainer.model.variables, before)
                if not np.array_equal(v.numpy(), b)}
     assert {"kernel", "gamma", "moving_mean", "moving_variance"} <= changed
 
@@ -138,13 +139,13 @@ def test_efficientnetv2s_all_shapes_one_training_step_and_keras_applications_cou
     for shape in [(28, 28, 1), (64, 64, 3)]:
         assert models.build("efficientnetv2s", shape, 10).output.shape == (None, 10)
     config = evaluate.protocol_config("standard", "efficientnetv2s", 1, batch_size=4)
-    run = evaluate._Run(config, (32, 32, 3), 10)
-    run.reset(0)
-    before = [v.numpy().copy() for v in run.model.trainable_variables]
-    loss = run.train_step(tf.random.stateless_normal((4, 32, 32, 3), [1, 1]), tf.range(4),
+    trainer = evaluate.Trainer(config, (32, 32, 3), 10)
+    trainer.reset(0)
+    before = [v.numpy().copy() for v in trainer.model.trainable_variables]
+    loss = trainer.train_step(tf.random.stateless_normal((4, 32, 32, 3), [1, 1]), tf.range(4),
                           tf.constant(0.01), tf.constant([0, 0], tf.int64))
     assert np.isfinite(float(loss))
-    assert any(not np.array_equal(v.numpy(), b) for v, b in zip(run.model.trainable_variables, before))
+    assert any(not np.array_equal(v.numpy(), b) for v, b in zip(trainer.model.trainable_variables, before))
 
 
 @pytest.mark.slow
@@ -156,10 +157,10 @@ def test_efficientnetv2s_can_fit_a_small_separable_set():
     means = rng.normal(size=(4, 1, 1, 3)).astype(np.float32)
     x = means[y] + 0.5 * rng.normal(size=(40, 32, 32, 3)).astype(np.float32)
     config = evaluate.protocol_config("standard", "efficientnetv2s", 60, dsa=False, lr=0.1)
-    run = evaluate._Run(config, (32, 32, 3), 4)
-    run.reset(0)
+    trainer = evaluate.Trainer(config, (32, 32, 3), 4)
+    trainer.reset(0)
     for step in range(60):
-        run.train_step(tf.constant(x), tf.constant(y), tf.constant(0.1), tf.constant([0, step], tf.int64))
+        trainer.train_step(tf.constant(x), tf.constant(y), tf.constant(0.1), tf.constant([0, step], tf.int64))
     # inference mode (moving BatchNorm statistics): twice chance. Measured 25 / 40 here: it
     # learns, but slowly (60 steps); a network that cannot train stays near 10 / 40
-    assert int(run.count_correct(tf.constant(x), tf.constant(y))) >= 20
+    assert int(trainer.count_correct(tf.constant(x), tf.constant(y))) >= 20

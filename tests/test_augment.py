@@ -314,3 +314,32 @@ def test_param_ranges_at_32px():
     assert np.all((p["contrast"][col] >= 0.5) & (p["contrast"][col] <= 1.5))
     flips = p["flip"][fam == A.FAMILIES.index("flip")]
     assert 0.4 < flips.mean() < 0.6
+
+
+# ---------------------------------------------------------------- CutMix (IDC's evaluation)
+def test_cutmix_pastes_one_box_of_the_permuted_batch_and_ratio_is_the_kept_area():
+    x = tf.reshape(tf.range(6 * 8 * 8 * 2, dtype=tf.float32), (6, 8, 8, 2))
+    y = tf.range(6)
+    for s in range(5):
+        mixed, y_b, ratio = A.cutmix(tf.constant([s, 1]), x, y, prob=1.0)
+        box = A.cutmix_box(tf.constant([s, 1]), 6, 8, 8, 1.0, 1.0)
+        perm = box["perm"].numpy()
+        assert sorted(perm) == list(range(6)) and np.array_equal(y_b.numpy(), perm)
+        changed = np.any(mixed.numpy() != x.numpy(), axis=(0, 3))       # [H, W]
+        r0, r1, c0, c1 = (int(box[k]) for k in ("y1", "y2", "x1", "x2"))
+        inside = np.zeros((8, 8), bool)
+        inside[r0:r1, c0:c1] = True
+        assert np.array_equal(changed, inside) or perm.tolist() == list(range(6))
+        np.testing.assert_array_equal(mixed.numpy()[:, inside], x.numpy()[perm][:, inside])
+        assert float(ratio) == pytest.approx(1 - inside.sum() / 64)
+    same, _, ratio = A.cutmix(tf.constant([0, 1]), x, y, prob=0.0)
+    assert np.array_equal(same.numpy(), x.numpy()) and float(ratio) == 1.0
+
+
+def test_cutmix_happens_with_its_probability_and_beta_one_draws_uniform_lambda():
+    draw = tf.function(lambda s: A.cutmix_box(s, 8, 32, 32, 0.5, 1.0))
+    boxes = [draw(tf.constant([s, 7])) for s in range(400)]
+    applied = np.mean([bool(b["applied"]) for b in boxes])
+    lam = np.array([float(b["lam"]) for b in boxes])
+    assert 0.42 < applied < 0.58
+    assert abs(lam.mean() - 0.5) < 0.04 and abs(np.quantile(lam, 0.25) - 0.25) < 0.06

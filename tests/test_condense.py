@@ -37,7 +37,7 @@ def _tiny_run(tmp_path, method, param, **kw):
     trajs = np.stack([np.stack([net.init([k, e]).numpy() for e in range(3)]) for k in range(2)])
     config = methods.get(method).Config(**_TINY.get(method, {}))
     s = _settings(tmp_path, method=method, param=param, ipc=2 if param == "pixels" else 4,
-                  num_decoders=2, lr_pixels=0.01, method_config=config, **kw)
+                  num_decoders=2, pixels_lr=0.01, method_config=config, **kw)
     return real, net, trajs if methods.get(method).needs_trajectories else None, s
 
 
@@ -70,10 +70,10 @@ def test_every_method_and_parameterisation_condenses_checkpoints_and_resumes(tmp
 
 
 @pytest.mark.parametrize("argv,expect", [
-    (["--method=tm", "--batch_syn=5", "--lr_teacher=0.02", "--inner_steps=7"],
+    (["--method=tm", "--syn_batch=5", "--student_lr_init=0.02", "--inner_steps=7"],
      dict(method="tm", lr_pixels=100.0, inner_steps=7, batch_syn=5, init_lr=0.02)),
     (["--method=dm", "--real_per_class=9"], dict(method="dm", lr_pixels=1.0, real_per_class=9)),
-    (["--param=latents", "--lr_codes=0.2", "--num_decoders=3", "--beta=0.5", "--losses=proj"],
+    (["--param=latents", "--codes_lr=0.2", "--num_decoders=3", "--beta=0.5", "--losses=proj"],
      dict(method="esp", param="latents", lr_codes=0.2, num_decoders=3, beta=0.5, losses=("proj",))),
 ])
 def test_condensation_flags_reach_the_settings(argv, expect):
@@ -81,7 +81,7 @@ def test_condensation_flags_reach_the_settings(argv, expect):
         flags.FLAGS(["train", "--workdir=/tmp/x"] + argv)
         s = cli.condense_settings(cli.from_flags())
     lr_pixels = condense.make_optimizers(s).get("pixels")
-    got = dict(method=s.method, param=s.param, lr_codes=s.lr_codes, num_decoders=s.num_decoders,
+    got = dict(method=s.method, param=s.param, lr_codes=s.codes_lr, num_decoders=s.num_decoders,
                lr_pixels=None if lr_pixels is None else float(lr_pixels.learning_rate),   # at update 0
                **dataclasses.asdict(s.method_config))
     for key, value in expect.items():
@@ -125,9 +125,9 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_last_checkpoint(
     # unclipped renders: clipping bounds the images, so this lr no longer blows the set up
     condense.run(real, net, trajs, _settings(tmp_path, iterations=2, clip_pixels=False))
     before = tf.train.latest_checkpoint(str(tmp_path / "ckpt"))
-    blown = _settings(tmp_path, iterations=6, lr_pixels=1e38, clip_pixels=False)
+    blown = _settings(tmp_path, iterations=6, pixels_lr=1e38, clip_pixels=False)
     with pytest.raises(wd.UserError, match=r"(loss|set) became non-finite.* at iteration 3;"
-                       r" it was not checkpointed or saved.*--inner_lr, --lr_pixels.* or --beta"):
+                       r" it was not checkpointed or saved.*--inner_lr, --pixels_lr.* or --beta"):
         condense.run(real, net, trajs, blown)
     assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")) == before
     assert before.endswith("-2")
@@ -147,10 +147,24 @@ def test_a_checkpoint_of_another_configuration_is_refused_clearly(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["esp", "tm"])
-def test_batch_syn_reaches_both_esp_and_tm(method):
+def test_syn_batch_reaches_both_esp_and_tm(method):
     with flagsaver.flagsaver():
-        flags.FLAGS(["train", "--workdir=/tmp/x", "--batch_syn=20", f"--method={method}"])
+        flags.FLAGS(["train", "--workdir=/tmp/x", "--syn_batch=20", f"--method={method}"])
         assert cli.condense_settings(cli.from_flags()).method_config.batch_syn == 20
     with flagsaver.flagsaver():
         flags.FLAGS(["train", "--workdir=/tmp/x", f"--method={method}"])
         assert cli.condense_settings(cli.from_flags()).method_config.batch_syn is None      # default: every image
+
+
+def test_library_and_command_line_defaults_agree():
+    """CondenseSettings' fields carry their flag's name; a library caller gets the CLI's defaults,
+    and each method's settings have one default, in its Config (the flags default to None)."""
+    checked = 0
+    for field in dataclasses.fields(condense.CondenseSettings):
+        if field.name in cli.NAMES and field.default is not dataclasses.MISSING:
+            assert field.default == cli.FLAGS[field.name].default, field.name
+            checked += 1
+    assert checked >= 15
+    for name in methods.NAMES:
+        for flag in methods.get(name).flag_fields:
+            assert cli.FLAGS[flag].default is None, flag

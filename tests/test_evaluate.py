@@ -100,34 +100,6 @@ def test_idc_augmentation_is_flip_and_color_always_then_one_geometric_family_nev
     assert seen == {"crop", "scale", "rotate"}
 
 
-def test_cutmix_pastes_one_box_of_the_permuted_batch_and_ratio_is_the_kept_area():
-    x = tf.reshape(tf.range(6 * 8 * 8 * 2, dtype=tf.float32), (6, 8, 8, 2))
-    y = tf.range(6)
-    for s in range(5):
-        mixed, y_b, ratio = evaluate.cutmix(tf.constant([s, 1]), x, y, prob=1.0)
-        box = evaluate.cutmix_box(tf.constant([s, 1]), 6, 8, 8, 1.0, 1.0)
-        perm = box["perm"].numpy()
-        assert sorted(perm) == list(range(6)) and np.array_equal(y_b.numpy(), perm)
-        changed = np.any(mixed.numpy() != x.numpy(), axis=(0, 3))       # [H, W]
-        r0, r1, c0, c1 = (int(box[k]) for k in ("y1", "y2", "x1", "x2"))
-        inside = np.zeros((8, 8), bool)
-        inside[r0:r1, c0:c1] = True
-        assert np.array_equal(changed, inside) or perm.tolist() == list(range(6))
-        np.testing.assert_array_equal(mixed.numpy()[:, inside], x.numpy()[perm][:, inside])
-        assert float(ratio) == pytest.approx(1 - inside.sum() / 64)
-    same, _, ratio = evaluate.cutmix(tf.constant([0, 1]), x, y, prob=0.0)
-    assert np.array_equal(same.numpy(), x.numpy()) and float(ratio) == 1.0
-
-
-def test_cutmix_happens_with_its_probability_and_beta_one_draws_uniform_lambda():
-    draw = tf.function(lambda s: evaluate.cutmix_box(s, 8, 32, 32, 0.5, 1.0))
-    boxes = [draw(tf.constant([s, 7])) for s in range(400)]
-    applied = np.mean([bool(b["applied"]) for b in boxes])
-    lam = np.array([float(b["lam"]) for b in boxes])
-    assert 0.42 < applied < 0.58
-    assert abs(lam.mean() - 0.5) < 0.04 and abs(np.quantile(lam, 0.25) - 0.25) < 0.06
-
-
 # ---------------------------------------------------------------- training runs
 def test_a_seed_reproduces_a_batchnorm_run_and_another_seed_does_not(sets):
     # Stateless nets re-initialise through FlatModel.init (test_models); BatchNorm nets are
@@ -135,11 +107,11 @@ def test_a_seed_reproduces_a_batchnorm_run_and_another_seed_does_not(sets):
     x, y = sets["images"][:8], sets["labels"][:8]
     config = evaluate.protocol_config("standard", "resnet10", epochs=1, batch_size=4, dsa=False,
                                       cutmix_prob=0.5)
-    run = evaluate._Run(config, x.shape[1:], 10)
+    trainer = evaluate.Trainer(config, x.shape[1:], 10)
 
     def weights_after(seed):
-        evaluate.train_and_test(run, evaluate._array_epochs(x, y, 4, seed), (x, y), seed)
-        return [v.numpy().copy() for v in run.model.variables]
+        evaluate.train_and_test(trainer, evaluate.array_epochs(x, y, 4, seed), (x, y), seed)
+        return [v.numpy().copy() for v in trainer.model.variables]
     a, b, c = weights_after(3), weights_after(3), weights_after(4)
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
     assert not all(np.array_equal(u, v) for u, v in zip(a, c))
@@ -168,9 +140,9 @@ def test_full_mode_learns_from_the_whole_real_train_split(sets):
 def test_full_mode_steps_per_epoch_caps_each_epoch_with_a_fresh_order(sets, monkeypatch):
     seen, original = [], evaluate.train_and_test
 
-    def spy(run, batches, test, seed, on_epoch=None):
-        seen.append([np.concatenate([y.numpy() for _, y in batches(e)]) for e in range(run.config.epochs)])
-        return original(run, batches, test, seed, on_epoch)
+    def spy(trainer, batches, test, seed, on_epoch=None):
+        seen.append([np.concatenate([y.numpy() for _, y in batches(e)]) for e in range(trainer.config.epochs)])
+        return original(trainer, batches, test, seed, on_epoch)
     monkeypatch.setattr(evaluate, "train_and_test", spy)
     config = evaluate.EvalConfig(arch="convnet_tiny", epochs=2, batch_size=8, dsa=None)
     evaluate.evaluate_full(sets["real"], config, runs=1, steps_per_epoch=3)
@@ -191,10 +163,31 @@ def _cli(args, check=True):
     return out
 
 
+@pytest.mark.parametrize("how", ["console_script", "python_m"])
+def test_help_lists_the_tools_own_flags_without_loading_tensorflow(how):
+    report = "import sys, atexit; atexit.register(lambda: print('TF loaded:', 'tensorflow' in sys.modules)); "
+    cmd = ([sys.executable, "-c", report + "sys.argv = ['esp-evaluate', '--help']; "
+            "from esp_tf import evaluate_cli; evaluate_cli.run()"] if how == "console_script" else
+           [sys.executable, "-c", report + "import runpy; sys.argv = ['evaluate', '--help']; "
+            "runpy.run_module('esp_tf.evaluate', run_name='__main__', alter_sys=True)"])
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "--condensed" in out.stdout and "--protocol" in out.stdout and "--steps_per_epoch" in out.stdout
+    assert "--eval_archs" in out.stdout and "--eval_runs" in out.stdout and "--seed" in out.stdout  # shared
+    assert "--archs (now --eval_archs)" in out.stdout                                      # deprecated
+    assert "--only_check_args" not in out.stdout        # not absl's own flags (--helpfull has them)
+    assert out.stdout.rstrip().endswith("TF loaded: False")
+
+
+def test_the_cli_names_the_protocols_of_the_library():
+    from esp_tf import evaluate_cli
+    assert evaluate_cli.PROTOCOL_NAMES == tuple(evaluate.PROTOCOLS)
+
+
 def test_cli_end_to_end_merges_json_and_prints_the_table(sets, tmp_path):
     output = tmp_path / "results.json"
     output.write_text(json.dumps({"dsa ipc1": {"convnet3": {"accuracies": [1.0], "mean": 1.0, "std": 0.0}}}))
-    out = _cli([f"--condensed={sets['work']}", "--archs=convnet3", "--runs=1", "--epochs=2",
+    out = _cli([f"--condensed={sets['work']}", "--eval_archs=convnet3", "--eval_runs=1", "--eval_epochs=2",
                 f"--output={output}"])
     results = json.loads(output.read_text())
     cell = results["esp ipc1"]["convnet3"]
@@ -211,8 +204,12 @@ def test_cli_notes_a_set_whose_values_leave_the_pixel_range(sets, tmp_path):
     work.mkdir()
     np.savez(work / "synthetic.npz", images=5.0 * sets["images"], labels=sets["labels"])
     (work / "flags.txt").write_text(f"--dataset={SOURCE}\n--data_dir={sets['tfds_dir']}\n")
-    out = _cli([f"--condensed={work}", "--archs=convnet_tiny", "--runs=1", "--epochs=1"])
+    # the names before 0.2 still work, each with a one-line warning naming its new name
+    out = _cli([f"--condensed={work}", "--archs=convnet_tiny", "--runs=1", "--epochs=1", "--method=old"])
     assert "outside the pixel range 0..255" in out.stdout and "--clip_pixels" in out.stdout
+    assert "| method | convnet_tiny |" in out.stdout and "\n| old | " in out.stdout
+    for old, new in (("archs", "eval_archs"), ("runs", "eval_runs"), ("epochs", "eval_epochs"), ("method", "label")):
+        assert f"warning: --{old} is deprecated; use --{new}\n" in out.stderr
 
 
 def test_cli_bad_input_exits_2_with_a_clear_message_and_no_traceback(sets, tmp_path):
@@ -220,20 +217,21 @@ def test_cli_bad_input_exits_2_with_a_clear_message_and_no_traceback(sets, tmp_p
     missing.mkdir()
     np.savez(missing / "synthetic.npz", images=sets["images"], labels=sets["labels"])
     (missing / "flags.txt").write_text(f"--dataset=cifar10\n--data_dir={tmp_path / 'empty'}\n")
-    cases = [[f"--condensed={tmp_path / 'missing_source'}", "--archs=convnet3,resnet999"],
+    cases = [[f"--condensed={tmp_path / 'missing_source'}", "--eval_archs=convnet3,resnet999"],
              [f"--condensed={missing}"],
              [f"--condensed={tmp_path}"],
              ["--condensed=no_such_set", f"--data_dir={sets['tfds_dir']}"],
-             [f"--condensed={sets['work']}", "--steps_per_epoch=5"]]
+             [f"--condensed={sets['work']}", "--steps_per_epoch=5"],
+             [f"--condensed={sets['work']}", "--runs=2", "--eval_runs=3"]]      # both names of one flag
     script = textwrap.dedent(f"""
         import sys
         from absl import flags
-        from esp_tf import evaluate
+        from esp_tf import evaluate_cli
         for argv in {cases!r}:
             flags.FLAGS.unparse_flags()
             sys.argv = ["evaluate"] + argv
             try:
-                evaluate.run()
+                evaluate_cli.run()
             except SystemExit as e:
                 print("EXIT", e.code, file=sys.stderr, flush=True)
     """)
@@ -241,13 +239,15 @@ def test_cli_bad_input_exits_2_with_a_clear_message_and_no_traceback(sets, tmp_p
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
     err = out.stderr
-    assert err.count("EXIT 2") == 5, err[-3000:]
+    assert err.count("EXIT 2") == 6, err[-3000:]
     assert "--steps_per_epoch applies to --full only" in err
     assert "Traceback" not in err
     assert "unknown ['resnet999']" in err
     assert "'cifar10' is not available" in err and "data_dir" in err
     assert "neither an esp_tf workdir" in err
     assert "no TFDS dataset 'no_such_set'" in err
+    assert ("error: --runs=2 and --eval_runs=3 disagree: --runs is the deprecated name of --eval_runs; "
+            "give only --eval_runs\nEXIT 2") in err
 
 
 @pytest.mark.slow

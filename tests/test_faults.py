@@ -91,7 +91,7 @@ def test_1_a_diverging_condensation_stops_names_the_flags_and_saves_nothing_non_
     fresh = tmp_path / "nan"
     out = _train(tmp, [f"--workdir={fresh}", f"--experts_dir={work / 'experts'}", "--inner_lr=1e9",
                        "--phases=experts,condense,evaluate,export"] + TINY + ["--inner_steps=3"])
-    line = _refused(out, "non-finite", "--inner_lr", "--lr_pixels", "--beta")
+    line = _refused(out, "non-finite", "--inner_lr", "--pixels_lr", "--beta")
     assert "not checkpointed or saved" in line
     assert not (fresh / "synthetic.npz").exists() and not (fresh / "tfds").exists()
     from esp_tf import condense
@@ -113,20 +113,22 @@ def test_1_export_and_evaluate_refuse_a_non_finite_set(run_copy):
     tfds_before = sorted(p.relative_to(work) for p in (work / "tfds").rglob("*"))
     _refused(_train(tmp, [f"--workdir={work}", "--phases=export"] + TINY), "synthetic.npz", "NaN")
     assert sorted(p.relative_to(work) for p in (work / "tfds").rglob("*")) == tfds_before
-    _refused(_evaluate(tmp, [f"--condensed={work}", "--runs=1", "--epochs=1"]), "NaN")
+    _refused(_evaluate(tmp, [f"--condensed={work}", "--eval_runs=1", "--eval_epochs=1"]), "NaN")
 
 
 def test_1_non_finite_float_flags_are_rejected_before_any_work(tmp_path):
-    out = _train(tmp_path, [f"--workdir={tmp_path / 'w'}", "--beta=nan", "--lr_pixels=inf"] + TINY)
+    out = _train(tmp_path, [f"--workdir={tmp_path / 'w'}", "--beta=nan", "--pixels_lr=inf"] + TINY)
     line = _refused(out, "invalid flags")
-    assert "--beta must be a finite number" in out.stderr and "--lr_pixels must be a finite" in out.stderr
+    assert "--beta must be a finite number" in out.stderr and "--pixels_lr must be a finite" in out.stderr
     assert not (tmp_path / "w" / "flags.txt").exists(), line
+    _refused(_evaluate(tmp_path, ["--condensed=x", "--eval_lr=nan"]), "--eval_lr must be a finite number")
 
 
 def test_3_unknown_or_unparsable_flags_are_one_line_with_exit_code_2(tmp_path):
     _refused(_train(tmp_path, [f"--workdir={tmp_path / 'w'}", "--ipc=abc"]), "--ipc", "--helpfull")
     _refused(_train(tmp_path, [f"--workdir={tmp_path / 'w'}", "--ipcc=1"]), "ipcc", "--helpfull")
-    _refused(_evaluate(tmp_path, ["--runs=many"]), "--runs", "--helpfull")
+    _refused(_evaluate(tmp_path, ["--eval_runs=many"]), "--eval_runs", "--helpfull")
+    _refused(_evaluate(tmp_path, ["--runs=many"]), "--runs", "--helpfull")      # a deprecated name too
     assert not (tmp_path / "w").exists()
 
 
@@ -281,7 +283,8 @@ def test_5_a_truncated_synthetic_npz_is_named_as_damaged(run_copy):
     tmp, work, before = run_copy
     (work / "synthetic.npz").write_bytes(before["synthetic.npz"][:100])
     _refused(_train(tmp, [f"--workdir={work}", "--phases=export"] + TINY), "synthetic.npz", "damaged")
-    _refused(_evaluate(tmp, [f"--condensed={work}", "--runs=1", "--epochs=1"]), "synthetic.npz", "damaged")
+    _refused(_evaluate(tmp, [f"--condensed={work}", "--eval_runs=1", "--eval_epochs=1"]),
+             "synthetic.npz", "damaged")
     out = _train(tmp, [f"--workdir={work}", "--phases=export", "--verbose"] + TINY)
     assert out.returncode == 2 and "Traceback" in out.stderr                     # --verbose shows it
 
@@ -290,7 +293,7 @@ def test_5_a_corrupt_exported_tfrecord_is_named(run_copy):
     tmp, work, before = run_copy
     record = next((work / "tfds").rglob("*.tfrecord*"))
     record.write_bytes(record.read_bytes()[:-7])
-    _refused(_evaluate(tmp, [f"--condensed={record.parent}", "--runs=1", "--epochs=1"]),
+    _refused(_evaluate(tmp, [f"--condensed={record.parent}", "--eval_runs=1", "--eval_epochs=1"]),
              str(record.parent), "damaged", "--phases=export")
 
 
@@ -400,8 +403,8 @@ def test_6_evaluating_an_export_by_name_writes_nothing_into_its_folder(finished)
     tfds_dir = work / "tfds"
     before = sorted(p.name for p in tfds_dir.iterdir())
     name = before[0]
-    _ok(_evaluate(tmp, [f"--condensed={name}", f"--data_dir={tfds_dir}", "--runs=1", "--epochs=1",
-                        "--archs=convnet_tiny"]))
+    _ok(_evaluate(tmp, [f"--condensed={name}", f"--data_dir={tfds_dir}", "--eval_runs=1", "--eval_epochs=1",
+                        "--eval_archs=convnet_tiny"]))
     assert sorted(p.name for p in tfds_dir.iterdir()) == before
 
 

@@ -145,5 +145,78 @@ def test_help_lists_the_tools_own_flags_without_loading_tensorflow():
     out = run_python(["-c", code])
     assert out.returncode == 0, out.stderr
     assert "--val_per_class" in out.stdout and "--dm_reduction" in out.stdout and "--ipc" in out.stdout
+    assert "--eval_runs" in out.stdout and "--seed" in out.stdout             # shared with esp_tf.evaluate
+    assert "--lr_codes (now --codes_lr)" in out.stdout                        # deprecated names
     assert "--only_check_args" not in out.stdout        # not absl's own flags (--helpfull has them)
     assert out.stdout.rstrip().endswith("TF loaded: False")
+
+
+# ------------------------------------------------ flag names of esp_tf 0.2 and their deprecated aliases
+def _parse(argv):
+    from esp_tf import workdir as wd
+    return wd.parse_argv(["esp_tf.train"] + argv, wd.RENAMED_TRAIN_FLAGS)
+
+
+def test_deprecated_flag_names_set_the_new_flags_with_a_warning_and_are_never_recorded(capsys):
+    from absl import flags
+    from absl.testing import flagsaver
+    from esp_tf import cli
+    old = ["--lr_pixels=0.5", "--lr_codes=0.2", "--lr_decoders=0.03", "--lr_teacher=0.02", "--lr_lr=1e-4",
+           "--batch_syn", "20"]                                   # `--flag value` works too
+    with flagsaver.flagsaver():
+        _parse(["--workdir=/tmp/x"] + old)
+        F = flags.FLAGS
+        assert (F.pixels_lr, F.codes_lr, F.decoders_lr, F.student_lr_init, F.student_lr_lr, F.syn_batch) == (
+            0.5, 0.2, 0.03, 0.02, 1e-4, 20)
+        text = cli.flags_file_text(cli.from_flags())
+    assert "--codes_lr=0.2" in text and "--syn_batch=20" in text and "lr_codes" not in text
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"warning: --{o} is deprecated; use --{n}" for o, n in (
+        ("lr_pixels", "pixels_lr"), ("lr_codes", "codes_lr"), ("lr_decoders", "decoders_lr"),
+        ("lr_teacher", "student_lr_init"), ("lr_lr", "student_lr_lr"), ("batch_syn", "syn_batch"))]
+
+
+def test_both_names_of_a_flag_with_different_values_are_an_error_unless_a_flagfile_gave_one(tmp_path):
+    from absl import flags
+    from absl.testing import flagsaver
+    from esp_tf import workdir as wd
+    with flagsaver.flagsaver():
+        _parse(["--lr_codes=0.2", "--codes_lr=0.2"])                # the same value: fine
+        with pytest.raises(wd.UserError, match=r"^--lr_codes=0.2 and --codes_lr=0.3 disagree: "
+                           r"--lr_codes is the deprecated name of --codes_lr; give only --codes_lr$"):
+            _parse(["--lr_codes=0.2", "--codes_lr=0.3"])
+    flagfile = tmp_path / "new.flags"
+    flagfile.write_text("--codes_lr=0.1\n--decoders_lr=0.01\n")
+    with flagsaver.flagsaver():       # an old command: a config (new names) and an old-name override
+        _parse([f"--flagfile={flagfile}", "--lr_codes=0", "--lr_decoders=0"])
+        assert (flags.FLAGS.codes_lr, flags.FLAGS.decoders_lr) == (0.0, 0.0)
+    out = _run([f"--workdir={tmp_path / 'w'}", "--lr_codes=0.2", "--codes_lr=0.3"], tmp_path, check=False)
+    ours = [line for line in out.stderr.splitlines() if line.startswith(("error:", "warning:", "Traceback"))]
+    assert out.returncode == 2 and ours == [
+        "error: --lr_codes=0.2 and --codes_lr=0.3 disagree: --lr_codes is the deprecated name of --codes_lr; "
+        "give only --codes_lr"]
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_workdir_whose_flags_txt_has_the_old_names_resumes(tmp_path, capsys):
+    from absl.testing import flagsaver
+    from esp_tf import cli, pipeline, workdir as wd
+    work = tmp_path / "old"
+    args = [f"--workdir={work}", "--param=latents", "--codes_lr=0.2", "--syn_batch=10", "--nodownload"]
+    with flagsaver.flagsaver():
+        _parse(args)
+        settings = cli.from_flags()
+        text, new = cli.flags_file_text(settings), cli.values(settings)
+    for old_name, new_name in wd.RENAMED_TRAIN_FLAGS.items():     # as esp_tf 0.1 recorded the run
+        text = text.replace(f"--{new_name}=", f"--{old_name}=")
+    assert "--lr_codes=0.2" in text and "--batch_syn=10" in text and "--codes_lr" not in text
+    work.mkdir()
+    (work / "flags.txt").write_text(text)
+    (work / "synthetic.npz").write_bytes(b"")                     # a finished result: no mixing allowed
+    recorded = wd.parse_flags_file(str(work / "flags.txt"))
+    assert recorded == {k: v for k, v in new.items() if v and k not in ("restart", "verbose")}
+    for argv in (args, [f"--flagfile={work / 'flags.txt'}"]):       # the same command, or the replayed file
+        with flagsaver.flagsaver():
+            _parse(argv)
+            assert pipeline.prepare_workdir(cli.from_flags()) == recorded
+        assert "exists with the same settings: resuming" in capsys.readouterr().out

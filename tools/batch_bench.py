@@ -4,7 +4,7 @@ r"""Accuracy versus synthetic batch size for the sliced-batch ESP variant (the p
         --batches=10,30,60,0 --out=runs/batch_bench
 
 For each batch size k (0 = every rendered image, the paper's unbiased setting) it runs
-`python -m esp_tf.train --flagfile=<base> --param=<param> --batch_syn=k --workdir=<out>/b<k>`
+`python -m esp_tf.train --flagfile=<base> --param=<param> --syn_batch=k --workdir=<out>/b<k>`
 (experts shared through the flagfile's --experts_dir; finished runs resume instead of rerunning),
 then prints a table of k vs ConvNet-3 accuracy and writes <out>/batch_bench.png.
 The slice is class-balanced and random per update; see esp.class_balanced_slice.
@@ -47,11 +47,11 @@ def main(argv):
     for k in (int(b) for b in FLAGS.batches):
         work = os.path.join(FLAGS.out, f"b{k}")
         cmd = [sys.executable, "-m", "esp_tf.train", f"--flagfile={FLAGS.flagfile_base}",
-               f"--workdir={work}", f"--param={FLAGS.param}", f"--batch_syn={k}", "--baselines="]
+               f"--workdir={work}", f"--param={FLAGS.param}", f"--syn_batch={k}", "--baselines="]
         cmd += list(FLAGS.extra)
         print("$ " + " ".join(cmd[1:]), flush=True)
         if subprocess.run(cmd).returncode != 0:
-            sys.exit(f"run with batch_syn={k} failed")
+            sys.exit(f"run with syn_batch={k} failed")
         with open(os.path.join(work, "eval.json")) as f:
             cell = json.load(f)["esp"]["convnet3"]
         with open(os.path.join(work, "budget.json")) as f:

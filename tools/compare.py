@@ -23,12 +23,12 @@ from absl import app, flags
 VARIANTS = {
     "esp": [],                                            # the flagfile as is (paper beta 1e-5)
     "esp_beta0.25": ["--beta=0.25"],                      # projection and DM pull about equally
-    "esp_lr0.05": ["--lr_pixels=0.05"],                   # larger Adam steps on the pixels
-    "esp_lr0.05_beta0.25": ["--lr_pixels=0.05", "--beta=0.25"],
+    "esp_lr0.05": ["--pixels_lr=0.05"],                   # larger Adam steps on the pixels
+    "esp_lr0.05_beta0.25": ["--pixels_lr=0.05", "--beta=0.25"],
     "proj_only": ["--losses=proj", "--beta=1.0"],         # Table 4 ablation rows
     "dm_only": ["--losses=dm"],
-    "dm": ["--method=dm", "--lr_pixels=1.0", "--iterations=400"],   # DM: as many updates as ESP
-    "tm": ["--method=tm", "--lr_pixels=100"],             # trajectory matching, MTT's image lr
+    "dm": ["--method=dm", "--pixels_lr=1.0", "--iterations=400"],   # DM: as many updates as ESP
+    "tm": ["--method=tm", "--pixels_lr=100"],             # trajectory matching, MTT's image lr
     "latents": ["--param=latents"],
 }
 

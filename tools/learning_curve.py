@@ -61,12 +61,12 @@ def main(argv):
     sub = data_lib.stratified_subset(test_y, FLAGS.test_subset)
     overrides = {k: getattr(FLAGS, k) for k in ("lr", "batch_size") if getattr(FLAGS, k) is not None}
     config = evaluate.protocol_config(FLAGS.protocol, FLAGS.arch, FLAGS.epochs, FLAGS.dsa, **overrides)
-    run = evaluate._Run(config, x.shape[1:], real.num_classes)
-    batch_stats = tf.function(lambda a: tf.argmax(run.model(a, training=True), -1, output_type=tf.int32))
+    trainer = evaluate.Trainer(config, x.shape[1:], real.num_classes)
+    batch_stats = tf.function(lambda a: tf.argmax(trainer.model(a, training=True), -1, output_type=tf.int32))
 
     def accuracy(images, labels, training_bn=False):
         predict = batch_stats if training_bn else None
-        return round(100.0 * evaluate.accuracy_on(run, (images, labels), predict), 2)
+        return round(100.0 * evaluate.accuracy_on(trainer, (images, labels), predict), 2)
 
     curve, t0 = [], time.time()
 
@@ -82,7 +82,7 @@ def main(argv):
     print(f"{FLAGS.arch} on {FLAGS.condensed} ({len(y)} images), {FLAGS.protocol} protocol, "
           f"lr {config.lr}, {FLAGS.epochs} epochs; test subset {len(sub)} of {len(test_y)}", flush=True)
     try:
-        final = evaluate.train_and_test(run, evaluate._array_epochs(x, y, config.batch_size, FLAGS.seed),
+        final = evaluate.train_and_test(trainer, evaluate.array_epochs(x, y, config.batch_size, FLAGS.seed),
                                         (test_x, test_y), FLAGS.seed, on_epoch=report)
     except FloatingPointError as e:
         sys.exit(f"error: {e}")

@@ -198,7 +198,7 @@ class ESP(Method):
 
     Config = ESPConfig
     flag_fields = {"beta": "beta", "inner_lr": "inner_lr", "inner_steps": "inner_steps", "losses": "losses",
-                   "real_per_class": "real_per_class", "batch_syn": "batch_syn",
+                   "real_per_class": "real_per_class", "syn_batch": "batch_syn",
                    "dm_reduction": "dm_reduction"}
     needs_trajectories = True
     default_lr_pixels = 0.01         # Adam (the paper's outer optimizer), normalised pixel units

@@ -125,8 +125,8 @@ class TM(Method):
     """One update per iteration: N unrolled student steps from theta*_t, matched to theta*_{t+M}."""
 
     Config = TMConfig
-    flag_fields = {"inner_steps": "inner_steps", "batch_syn": "batch_syn", "lr_teacher": "init_lr",
-                   "lr_lr": "lr_lr"}
+    flag_fields = {"inner_steps": "inner_steps", "syn_batch": "batch_syn", "student_lr_init": "init_lr",
+                   "student_lr_lr": "lr_lr"}
     needs_trajectories = True
     default_lr_pixels = 100.0        # SGD with momentum 0.5 (MTT's pixel lr is 100-1000)
 
