@@ -44,7 +44,8 @@ flags.DEFINE_bool("expert_dsa", True, "DSA augmentation while training experts (
 # -- ESP condensation --------------------------------------------------------------------
 flags.DEFINE_enum("method", "esp", list(METHOD_NAMES),
                   "Condensation method (esp_tf.methods): esp, or the baselines dm (distribution "
-                  "matching) and tm (MTT). Flags marked 'method setting' default to the method's own.")
+                  "matching) and tm (MTT). Flags marked 'method setting' default to the method's own "
+                  "(its Config in esp_tf/methods/<method>.py); flags.txt records the values used.")
 flags.DEFINE_enum("param", "pixels", ["pixels", "latents"],
                   "Synthetic-set parameterisation: pixels, or latent codes + shared decoders (paper 4.2, after KFS).")
 flags.DEFINE_integer("ipc", 1, "Images per class of the condensed set (the storage budget).")

@@ -41,6 +41,19 @@ def test_fidelity_curve_reads_updates_wall_clock_and_both_accuracies(tmp_path):
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_fidelity_curve_records_points_across_sessions_and_replaces_a_rerun(tmp_path):
+    curve = _tool("fidelity_curve")
+    ledger = str(tmp_path / "points.json")
+    assert curve.read_points(ledger) == []
+    a = curve.run_point(_finished_run(tmp_path / "a"))
+    curve.record_points(ledger, [a], "abc123")
+    b = curve.run_point(_finished_run(tmp_path / "b", method="dm"))
+    points = curve.record_points(ledger, [b, a], "def456")          # a measured again: replaced
+    assert [(p["name"], p["method"], p["commit"]) for p in points] == [("b", "dm", "def456"),
+                                                                      ("a", "esp", "def456")]
+    assert curve.read_points(ledger) == points
+
+
 def test_fidelity_curve_names_what_an_unfinished_run_lacks(tmp_path):
     curve = _tool("fidelity_curve")
     work = tmp_path / "half"

@@ -2,6 +2,7 @@ r"""Accuracy against compute for finished condensation runs: which method gives 
 the compute a user has.
 
     python tools/fidelity_curve.py --out=fidelity.png runs/fidelity/*/
+    python tools/fidelity_curve.py --points=docs/fidelity_points.json --record --out=... runs/fidelity/new/
 
 Each argument is a workdir of `esp_tf.train` (flags.txt, metrics.jsonl, eval.json). For each
 one this reads the method, the synthetic updates made, the condensation wall-clock (the sum of
@@ -9,6 +10,12 @@ one this reads the method, the synthetic updates made, the condensation wall-clo
 run held out --val_per_class, and test), prints one Markdown row per run, and plots accuracy
 against updates and against seconds, one series per method (ESP, DM, TM). Baselines evaluated
 beside a run (random, herding) are not plotted.
+
+Workdirs do not outlive the machine they ran on, so a curve is built over sessions in a points
+file (--points, JSON): its points are printed and plotted with those of the workdirs given, and
+--record adds the workdirs' points to it (each with the commit it was measured at, from
+flags.txt's directory's git checkout, and the workdir's name; a point of the same name is
+replaced).
 """
 from __future__ import annotations
 
@@ -27,6 +34,9 @@ def define_flags():
     this module beside others that own flags of the same name)."""
     flags.DEFINE_string("out", "fidelity_curve.png", "PNG plot path.")
     flags.DEFINE_string("arch", None, "Evaluation architecture to read (default: the only one in each eval.json).")
+    flags.DEFINE_string("points", None, "JSON file of points measured earlier, plotted with the workdirs' ones.")
+    flags.DEFINE_bool("record", False, "Add the workdirs' points to --points (replacing same-named ones).")
+    flags.DEFINE_string("commit", None, "Commit the recorded points were measured at (default: git HEAD here).")
 
 
 def run_point(workdir: str, arch: str | None = None) -> dict:
@@ -55,6 +65,25 @@ def run_point(workdir: str, arch: str | None = None) -> dict:
     return {"workdir": workdir.rstrip("/"), "method": method, "param": run.get("param", "pixels"),
             "updates": last, "seconds": seconds, "arch": arch, "test": cell["mean"], "test_std": cell["std"],
             "val": cell.get("val_mean"), "val_std": cell.get("val_std"), "runs": len(cell["accuracies"])}
+
+
+def read_points(path: str | None) -> list[dict]:
+    """The points of a --points file ([] when there is none yet)."""
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["points"]
+
+
+def record_points(path: str, new: list[dict], commit: str) -> list[dict]:
+    """Adds `new` (each tagged with `commit` and named by its workdir's basename) to the points
+    file at `path`, replacing points of the same name; returns all points."""
+    from esp_tf import workdir as wd
+    tagged = [{**p, "name": os.path.basename(p["workdir"]), "commit": commit} for p in new]
+    names = {p["name"] for p in tagged}
+    points = [p for p in read_points(path) if p.get("name") not in names] + tagged
+    wd.write_json(path, {"points": points})
+    return points
 
 
 def plot(points: list[dict], path: str) -> None:
@@ -86,18 +115,29 @@ def plot(points: list[dict], path: str) -> None:
 
 
 def main(argv):
-    if len(argv) < 2:
-        sys.exit("usage: fidelity_curve.py [--out=plot.png] <workdir> [<workdir> ...]")
+    if len(argv) < 2 and not FLAGS.points:
+        sys.exit("usage: fidelity_curve.py [--out=plot.png] [--points=file.json [--record]] <workdir> ...")
     try:
-        points = [run_point(w, FLAGS.arch) for w in argv[1:]]
+        new = [run_point(w, FLAGS.arch) for w in argv[1:]]
     except ValueError as e:
         sys.exit(f"error: {e}")
-    print("| run | method | param | updates | seconds | validation (%) | test (%) | runs |")
-    print("|---|---|---|---|---|---|---|---|")
-    for p in points:
+    if FLAGS.record:
+        if not FLAGS.points:
+            sys.exit("error: --record needs --points=<file>")
+        import subprocess
+        commit = FLAGS.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                text=True).stdout.strip() or "unknown"
+        points = record_points(FLAGS.points, new, commit)
+    else:
+        new_names = {os.path.basename(p["workdir"]) for p in new}
+        points = [p for p in read_points(FLAGS.points) if p.get("name") not in new_names] + new
+    print("| run | method | param | updates | seconds | validation (%) | test (%) | runs | commit |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for p in sorted(points, key=lambda p: (p["method"], p["updates"])):
         val = f"{p['val']:.2f} +- {p['val_std']:.2f}" if p["val"] is not None else "-"
         print(f"| {os.path.basename(p['workdir'])} | {p['method']} | {p['param']} | {p['updates']} | "
-              f"{p['seconds']:.0f} | {val} | {p['test']:.2f} +- {p['test_std']:.2f} | {p['runs']} |")
+              f"{p['seconds']:.0f} | {val} | {p['test']:.2f} +- {p['test_std']:.2f} | {p['runs']} | "
+              f"{p.get('commit', 'this checkout')} |")
     plot(points, FLAGS.out)
     print(f"plot: {FLAGS.out}")
 
