@@ -13,7 +13,6 @@ variables and the iteration, so a resumed run ends where an uninterrupted one wo
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
 import json
 import os
@@ -23,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from esp_tf import data as data_lib, methods, synthetic as synthetic_lib, workdir as wd
+from esp_tf import data as data_lib, fs, methods, synthetic as synthetic_lib, workdir as wd
 from esp_tf.methods.base import Context
 from esp_tf.models import FlatModel
 
@@ -249,7 +248,7 @@ def _restore_last_intact(ckpt, manager) -> str | None:
     """Restores the newest intact, finite checkpoint of `manager`; returns its path (None: none)."""
     skipped, paths = [], list(manager.checkpoints)
     if not paths:    # a lost or garbled `checkpoint` index lists nothing, but the shards remain
-        found = glob.glob(os.path.join(manager.directory, "ckpt-*.index"))
+        found = fs.glob(os.path.join(manager.directory, "ckpt-*.index"))
         paths = sorted((p[:-len(".index")] for p in found), key=lambda p: int(p.rsplit("-", 1)[1]))
     for path in reversed(paths):           # newest first
         problem = _checkpoint_problem(path)
@@ -276,9 +275,9 @@ def _restore_last_intact(ckpt, manager) -> str | None:
 def _drop_metrics_after(path: str, iteration: int) -> None:
     """Keeps the rows of metrics.jsonl up to `iteration` (the resumed one): rows logged after the
     last checkpoint are logged again by the resumed run, and a killed writer may leave half a line."""
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return
-    with open(path) as f:
+    with fs.open(path) as f:
         lines = f.read().splitlines()
     kept = []
     for line in lines:
