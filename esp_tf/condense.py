@@ -12,6 +12,7 @@ variables and the iteration, so a resumed run ends where an uninterrupted one wo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -128,9 +129,10 @@ def _save_synthetic(path: str, images: np.ndarray, labels: np.ndarray) -> None:
     wd.atomic_write_bytes(path, buf.getvalue())
 
 
-def run(real: data_lib.RealData, net: FlatModel, trajectories, s: CondenseSettings):
+def run(real: data_lib.RealData, net: FlatModel, trajectories, s: CondenseSettings, strategy=None):
     """Condenses `real` with the method of `s`, guided by `trajectories` [K, S, P] when the
-    method reads them (None otherwise).
+    method reads them (None otherwise). With a tf.distribute `strategy`, the set and its
+    optimizers are mirrored and every update is split across the replicas (`data_parallel`).
 
     Returns (images, labels, synthetic): the rendered set as normalised float32 [C*M, H, W, Ch]
     (what the model sees) with int32 labels, and the learnable set itself. A finished run
@@ -143,18 +145,22 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories, s: CondenseSettin
             have = "none" if trajectories is None else f"{trajectories.shape[1]} snapshots"
             raise wd.UserError(f"method {s.method} needs expert trajectories of max_start_epoch + "
                                f"segment_length = {needed} snapshots; got {have}")
-    syn = make_synthetic(real, s)
+    if strategy is not None and not method_class.data_parallel:
+        raise wd.UserError(f"method {s.method} has no data-parallel update; run it without --strategy")
+    with data_parallel_scope(strategy):
+        syn = make_synthetic(real, s)
     budget = syn.budget()
     wd.write_json(os.path.join(s.workdir, "budget.json"), budget)
     wd.say(f"synthetic set: {s.param}, {budget['params_per_class']:.0f} stored floats per class "
            f"(budget {budget['budget_per_class']}), {syn.images_per_class} images rendered per class")
-    optimizers = make_optimizers(s)
-    context = Context(net=net, synthetic=syn, optimizers=optimizers,
-                      sampler=data_lib.ClassBalancedSampler(real),
-                      trajectories=trajectories if method_class.needs_trajectories else None,
-                      segment_length=s.segment_length, max_start_epoch=s.max_start_epoch, seed=s.seed,
-                      jit_compile=s.jit_compile)
-    method = method_class(context, s.method_config)
+    with data_parallel_scope(strategy):
+        optimizers = make_optimizers(s)
+        context = Context(net=net, synthetic=syn, optimizers=optimizers,
+                          sampler=data_lib.ClassBalancedSampler(real),
+                          trajectories=trajectories if method_class.needs_trajectories else None,
+                          segment_length=s.segment_length, max_start_epoch=s.max_start_epoch, seed=s.seed,
+                          jit_compile=s.jit_compile, strategy=strategy)
+        method = method_class(context, s.method_config)
     extra = method.state()
     iteration = tf.Variable(0, dtype=tf.int64, name="iteration")
     ckpt = tf.train.Checkpoint(synthetic=syn, iteration=iteration, **extra,
@@ -227,6 +233,11 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories, s: CondenseSettin
     images, labels = (t.numpy() for t in syn.render())
     _save_synthetic(os.path.join(s.workdir, "synthetic.npz"), images, labels)
     return images, labels, syn
+
+
+def data_parallel_scope(strategy):
+    """strategy.scope() (variables made inside are mirrored), or no scope without a strategy."""
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
 def _checkpoint_problem(path: str) -> str | None:

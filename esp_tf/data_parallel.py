@@ -17,8 +17,6 @@ Per device, the second-order graph holds B/R synthetic and r/R real images per c
 """
 from __future__ import annotations
 
-import contextlib
-
 import tensorflow as tf
 
 from esp_tf import subspace
@@ -193,13 +191,3 @@ class ReplicatedDMStep(DMStep):
         grads = dense(tape.gradient(surrogate, variables), variables)
         apply_grads(self.optimizers, self.groups, grads)    # Keras sums the replicas' grads
         return {"loss": loss, "dm": loss}
-
-
-@contextlib.contextmanager
-def scope(strategy):
-    """strategy.scope(), or nothing without a strategy: variables made inside are mirrored."""
-    if strategy is None:
-        yield
-    else:
-        with strategy.scope():
-            yield

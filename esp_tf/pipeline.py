@@ -247,7 +247,7 @@ def _wait_for_experts(store, num_experts: int, poll_seconds: float = 10.0) -> No
 # =====================================================================================
 # Phase 2: condensation (checkpointed every --ckpt_every iterations)
 # =====================================================================================
-def phase_condense(s, real, net, store, meta):
+def phase_condense(s, real, net, store, meta, strategy=None):
     from esp_tf import condense, methods
     settings = cli.condense_settings(s)
     trajectories = None
@@ -260,7 +260,10 @@ def phase_condense(s, real, net, store, meta):
     detail = methods.get(s.method).describe(settings.method_config)
     wd.say(f"condense: {s.method.upper()} {s.iterations} iterations{' ' + detail if detail else ''}, "
            f"IPC {s.ipc}, param {s.param}")
-    return condense.run(real, net, trajectories, settings)
+    if strategy is not None:
+        wd.say(f"condense: {strategy.num_replicas_in_sync} replicas ({type(strategy).__name__}); "
+               "each update is split across them")
+    return condense.run(real, net, trajectories, settings, strategy)
 
 
 # =====================================================================================
@@ -359,6 +362,7 @@ def run(settings: cli.Settings, workdir: str) -> dict:
     s = dataclasses.replace(settings, workdir=os.path.expanduser(workdir) if workdir else workdir)
     old = prepare_workdir(s)
     worker = cluster.worker(s.worker_index, s.num_workers)
+    strategy = cluster.make_strategy(s.strategy)     # first: multi_worker configures the runtime
     t0 = time.time()
     real, net = _setup(s)
     _check_data(s, real)
@@ -369,7 +373,10 @@ def run(settings: cli.Settings, workdir: str) -> dict:
         store, meta = phase_experts(s, real, net, worker)
     images = labels = synthetic = None
     if "condense" in s.phases:
-        images, labels, synthetic = phase_condense(s, real, net, store, meta)
+        images, labels, synthetic = phase_condense(s, real, net, store, meta, strategy)
+        if s.strategy == "multi_worker" and worker.index > 0:
+            wd.say(f"condense: worker {worker.index} done; worker 0 (the chief) evaluates and exports")
+            return {}
     elif os.path.exists(_path(s, "synthetic.npz")):
         images, labels = condensed.read_synthetic(_path(s, "synthetic.npz"))
     results = {}

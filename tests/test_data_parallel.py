@@ -108,3 +108,66 @@ def test_dm_updates_under_mirrored_strategy_equal_single_device_updates():
     assert out["moved"] > 1e-4
     assert out["vars"] < 1e-4, out
     assert out["loss"][1] == pytest.approx(out["loss"][0], rel=1e-4)
+
+
+RESUME = SETUP + """
+import dataclasses, pathlib, shutil
+from esp_tf import condense, methods
+root = pathlib.Path(sys.argv[1])
+trajs = np.stack([np.stack([net.init([k, e]).numpy() for e in range(3)]) for k in range(2)])
+out = {}
+for method in ("esp", "dm"):
+    config = methods.get(method).Config(real_per_class=4, **({"inner_steps": 2} if method == "esp" else {}))
+    s = condense.CondenseSettings(workdir=str(root / method / "single"), method=method, ipc=3, iterations=2,
+                                  segment_length=1, max_start_epoch=2, method_config=config, ckpt_every=1,
+                                  log_every=1, init="gaussian", pixels_lr=0.01)
+    t = trajs if method == "esp" else None
+    single, _, _ = condense.run(real, net, t, s)
+    s2 = dataclasses.replace(s, workdir=str(root / method / "mirrored"))
+    whole, _, syn = condense.run(real, net, t, s2, strategy)
+    assert type(syn.trainable_variables[0]).__name__ == "MirroredVariable"
+    # an interrupted run (a copy that lost its last checkpoint) resumes under the strategy
+    cut = root / method / "cut"
+    shutil.copytree(root / method / "mirrored", cut)
+    for f in (cut / "ckpt").glob("ckpt-2.*"):
+        f.unlink()
+    (cut / "ckpt" / "checkpoint").unlink()
+    (cut / "synthetic.npz").unlink()
+    resumed, _, _ = condense.run(real, net, t, dataclasses.replace(s2, workdir=str(cut)), strategy)
+    out[method] = {"vs_single": max_rel([whole], [single]), "resumed_equal": bool(np.array_equal(resumed, whole)),
+                   "moved": max_rel([whole - condense.make_synthetic(real, s).render()[0].numpy()], [np.ones(1)])}
+print(json.dumps(out))
+"""
+
+
+def test_condensation_under_a_strategy_matches_one_device_and_resumes_from_its_checkpoint(tmp_path):
+    out = run_python(["-c", textwrap.dedent(RESUME), str(tmp_path)], check=True, timeout=600)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for method, r in result.items():
+        assert r["moved"] > 1e-4, method
+        assert r["vs_single"] < 2e-4, (method, r)
+        assert r["resumed_equal"], (method, r)
+
+
+PIPELINE = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from esp_tf import cli, pipeline
+settings = cli.settings(data_dir=sys.argv[2], download=False, strategy="mirrored", num_experts=2,
+                        expert_epochs=2, max_start_epoch=1, segment_length=2, iterations=2, inner_steps=2,
+                        real_per_class=4, eval_epochs=2, eval_runs=1, width=8, depth=2, log_every=1,
+                        ckpt_every=1, baselines=[])
+print(json.dumps(pipeline.run(settings, sys.argv[1])))
+"""
+
+
+def test_the_pipeline_runs_under_mirrored_strategy_and_exports(tmp_path):
+    out = run_python(["-c", textwrap.dedent(PIPELINE), str(tmp_path / "work"), str(tmp_path / "tfds")],
+                     check=True, timeout=600)
+    assert "condense: 2 replicas (MirroredStrategy)" in out.stdout
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(results) == {"esp"}
+    for name in ("synthetic.npz", "ckpt/checkpoint", "saved_model/generator/saved_model.pb", "grid.png"):
+        assert (tmp_path / "work" / name).exists(), name
