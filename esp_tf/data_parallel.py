@@ -13,7 +13,9 @@ Replica i of R (the student network is per-sample, so splitting a batch changes 
 
 The sum over replicas of the surrogate's gradient is the chain rule of L through G and the
 means, so one update equals the single-device update up to float32 summation order (tested).
-Per device, the second-order graph holds B/R synthetic and r/R real images per class.
+Every replica renders and augments the whole set (cheap next to the network), then runs the
+network, and the second-order graph, on its B/R synthetic images and r/R real images per class
+only: that is what shrinks per-device memory. `--jit_compile` is not supported here yet.
 """
 from __future__ import annotations
 

@@ -3,34 +3,17 @@ fill one store with every expert exactly once; a killed worker resumes its shard
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_ports, tf_config
 from esp_tf import cluster, workdir as wd
 
 TINY = ["--dataset=fashion_mnist_mini", "--nodownload", "--phases=experts", "--num_experts=6",
         "--expert_epochs=2", "--max_start_epoch=1", "--segment_length=1", "--width=8", "--depth=1"]
-
-
-def free_ports(n: int) -> list:
-    """n free localhost ports (bound to port 0, then released)."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def tf_config(index: int, ports: list, chief: bool = False) -> str:
-    hosts = [f"localhost:{p}" for p in ports]
-    return json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})
 
 
 def test_worker_identity_comes_from_flags_then_tf_config_then_defaults():

@@ -171,3 +171,47 @@ def test_the_pipeline_runs_under_mirrored_strategy_and_exports(tmp_path):
     assert set(results) == {"esp"}
     for name in ("synthetic.npz", "ckpt/checkpoint", "saved_model/generator/saved_model.pb", "grid.png"):
         assert (tmp_path / "work" / name).exists(), name
+
+
+MULTI_WORKER = """
+import sys, pathlib
+import numpy as np, tensorflow as tf
+mode, root = sys.argv[1], pathlib.Path(sys.argv[2])
+strategy = tf.distribute.MultiWorkerMirroredStrategy() if mode == "multi" else None   # before any op
+sys.path.insert(0, "tests")
+from conftest import fake_real
+from esp_tf import condense, methods, models
+C, HW = 3, 8
+real = fake_real(C, HW, 3, 12)
+net = models.FlatModel(models.convnet((HW, HW, 3), C, width=4, depth=2))
+trajs = np.stack([np.stack([net.init([k, e]).numpy() for e in range(3)]) for k in range(2)])
+s = condense.CondenseSettings(workdir=str(root), method="esp", ipc=3, iterations=2, segment_length=1,
+                              max_start_epoch=2, method_config=methods.get("esp").Config(real_per_class=4, inner_steps=2),
+                              ckpt_every=1, log_every=1, init="gaussian", pixels_lr=0.01)
+images, _, _ = condense.run(real, net, trajs, s, strategy)
+np.save(root / "images.npy", images)
+print("replicas", strategy.num_replicas_in_sync if strategy else 1)
+"""
+
+
+def test_multi_worker_mirrored_condensation_in_two_processes_matches_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import numpy as np
+    from conftest import REPO, free_ports, tf_config
+    ports = free_ports(2)
+    code = textwrap.dedent(MULTI_WORKER)
+    procs = [subprocess.Popen([sys.executable, "-c", code, "multi", str(tmp_path / f"worker{i}")], cwd=REPO,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": tf_config(i, ports)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    run_python(["-c", code, "single", str(tmp_path / "single")], check=True, timeout=600)
+    for p in procs:
+        out, err = p.communicate(timeout=600)                  # hang guard
+        assert p.returncode == 0, err[-3000:]
+        assert "replicas 2" in out
+    single = np.load(tmp_path / "single" / "images.npy")
+    workers = [np.load(tmp_path / f"worker{i}" / "images.npy") for i in range(2)]
+    np.testing.assert_array_equal(workers[0], workers[1])
+    assert np.abs(workers[0] - single).max() <= 1e-4 * np.abs(single).max()
+    assert (tmp_path / "worker0" / "ckpt" / "checkpoint").exists()
