@@ -49,7 +49,7 @@ def herding_subset(real, net: FlatModel, theta, per_class: int, batch_size: int 
     """
     from esp_tf import data as data_lib                 # late import: data is not needed above
     theta = tf.convert_to_tensor(theta, net.dtype)
-    embed = tf.function(lambda x: net.features(theta, data_lib.normalize(x, real.mean, real.std)))
+    embed = tf.function(lambda x: net.features(theta, data_lib.to_model(real, x)))
     counts = real.train_counts
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
     by_class = [real.train_images[o:o + n] for o, n in zip(offsets, counts)]

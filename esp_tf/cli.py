@@ -33,6 +33,9 @@ flags.DEFINE_integer("val_per_class", 0, "Hold out this many training images per
                      "validation split (class-balanced, fixed seed): experts and condensation never "
                      "see them, and evaluation scores them beside the test split. Choose "
                      "hyper-parameters on it, never on the test split. 0: no validation split.")
+flags.DEFINE_bool("zca", False, "ZCA-whiten the network inputs (fit on the training images, eps 0.1, "
+                  "as MTT does for CIFAR at IPC 1 and 10) instead of per-channel mean/std; experts, "
+                  "condensation and evaluation all see whitened images. Needs --noclip_pixels.")
 
 # -- experts (MTT's buffer recipe) -------------------------------------------------------
 flags.DEFINE_integer("num_experts", 100, "Expert trajectories to train (MTT 100, ESP paper 1000).")
@@ -200,6 +203,9 @@ def validate(s: Settings) -> list:
             errors.append(f"--{name} must be >= 1, got {getattr(s, name)}")
     if s.val_per_class < 0:
         errors.append(f"--val_per_class must be >= 0, got {s.val_per_class}")
+    if s.zca and s.clip_pixels:
+        errors.append("--zca: whitened images have no per-channel pixel range to clip renders to; "
+                      "add --noclip_pixels")
     if s.max_start_epoch < 1:
         errors.append("--max_start_epoch must be >= 1 (segments start at epochs 0..max_start_epoch-1)")
     elif s.max_start_epoch - 1 + s.segment_length > s.expert_epochs:

@@ -92,7 +92,7 @@ def make_synthetic(real: data_lib.RealData, s: CondenseSettings):
         real_images = None
         if n:                                # n random real images per class, normalised, class-major
             x, _ = data_lib.ClassBalancedSampler(real).random_subset(s.seed, n)
-            real_images = data_lib.normalize(x, real.mean, real.std).numpy()
+            real_images = data_lib.to_model(real, x).numpy()
         bounds = data_lib.pixel_range(real) if s.clip_pixels else None
         return kind.from_settings(s, real.num_classes, real.image_shape, real_images, bounds)
     except ValueError as e:                  # e.g. a budget the parameterisation cannot meet
@@ -188,7 +188,7 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories, s: CondenseSettin
     def grid_summary(step: int):
         from esp_tf import export
         images, labels = syn.render()
-        pixels = data_lib.denormalize(images, real.mean, real.std).numpy()
+        pixels = data_lib.to_pixels(real, images).numpy()
         grid = export.image_grid(pixels, labels.numpy(), real.num_classes)
         with board.as_default(step=step):
             tf.summary.image("synthetic", grid[None])

@@ -32,13 +32,30 @@ class CondensedSet:
     data_dir: str | None       # TFDS data_dir of the source dataset (None: TFDS default)
     images: np.ndarray | None = None         # normalised float32 [N,H,W,C], when stored
     pixels: np.ndarray | None = None         # uint8 [N,H,W,C], to normalise with source stats
+    # Condensed with --zca: the network inputs are ZCA-whitened with a fit on the source's train
+    # split minus `val_per_class` images per class; scoring needs that same fit (load_source).
+    zca: bool = False
+    val_per_class: int = 0
 
-    def normalized(self, mean, std) -> np.ndarray:
-        """Normalised float32 images; uint8 pixels are normalised with the source statistics."""
+    def normalized(self, mean, std, whitening=None) -> np.ndarray:
+        """Network inputs (float32): the stored ones, else the uint8 pixels normalised with the
+        source statistics (or whitened with `whitening`, the source's ZCA, for a --zca set)."""
         if self.images is not None:
             return self.images
         from esp_tf import data as data_lib
+        if whitening is not None:
+            import types
+            return data_lib.to_model(types.SimpleNamespace(mean=mean, std=std, whitening=whitening),
+                                     self.pixels).numpy()
         return data_lib.normalize(self.pixels, mean, std).numpy()
+
+    def load_source(self, data_dir: str | None):
+        """The source dataset as needed to score this set: its test split and statistics, and for
+        a --zca set the same ZCA fit (all train images minus the run's validation split)."""
+        from esp_tf import data as data_lib
+        if self.zca:
+            return data_lib.load(self.source_dataset, data_dir, val_per_class=self.val_per_class, zca=True)
+        return data_lib.load(self.source_dataset, data_dir, max_train_per_class=1)
 
 
 def _ipc(labels) -> int:
@@ -78,7 +95,8 @@ def _from_workdir(path, data_dir, source_dataset) -> CondensedSet:
     images, labels = read_synthetic(os.path.join(path, "synthetic.npz"))
     label = f"{recorded.get('method', 'esp')} ipc{_ipc(labels)}"
     return CondensedSet("workdir", label, labels, source, data_dir or recorded.get("data_dir") or None,
-                        images=images)
+                        images=images, zca=recorded.get("zca", "false").lower() == "true",
+                        val_per_class=int(recorded.get("val_per_class", 0) or 0))
 
 
 def _version_dir(path) -> str | None:
@@ -122,7 +140,8 @@ def _from_builder(builder, kind, data_dir, source_dataset) -> CondensedSet:
         raise UserError(f"{info.full_name} does not record its source dataset "
                         "(info.metadata['source_dataset']); pass --source_dataset=<TFDS name>")
     label = f"{meta.get('method', info.name)} ipc{_ipc(labels)}"
-    return CondensedSet(kind, label, labels, source, data_dir, images=images, pixels=pixels)
+    return CondensedSet(kind, label, labels, source, data_dir, images=images, pixels=pixels,
+                        zca=bool(meta.get("zca", False)), val_per_class=int(meta.get("val_per_class", 0) or 0))
 
 
 def resolve(spec: str, data_dir: str | None = None, source_dataset: str | None = None) -> CondensedSet:

@@ -58,6 +58,8 @@ class RealData:
     # unless asked for. Train arrays then exclude it, so experts and condensation never see it.
     val_images: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 1, 1, 1), np.uint8))
     val_labels: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int32))
+    # ZCA whitening fitted on the train arrays (load(..., zca=True)); None: per-channel mean/std.
+    whitening: "Whitening | None" = None
 
     @property
     def image_shape(self) -> tuple:
@@ -75,13 +77,56 @@ class RealData:
     def train_identity(self) -> str:
         """What the train arrays are: the dataset name, plus the held-out validation split if any
         (experts trained on one are not interchangeable with experts trained on the other)."""
-        if not len(self.val_labels):
-            return self.name
-        return f"{self.name} minus val {self.val_per_class}/class (seed {VAL_SEED})"
+        name = self.name
+        if len(self.val_labels):
+            name = f"{name} minus val {self.val_per_class}/class (seed {VAL_SEED})"
+        if self.whitening is not None:      # experts of whitened inputs fit no other inputs
+            name = f"{name}, ZCA eps {self.whitening.eps:g}"
+        return name
 
     @property
     def train_counts(self) -> np.ndarray:
         return np.bincount(self.train_labels, minlength=self.num_classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Whitening:
+    """ZCA whitening of flattened images in [0, 1] units: ``z = (x - mean) @ matrix``.
+
+    Fitted on the training images as MTT does for CIFAR: cov = Xc^T Xc / (n - 1) = U S U^T,
+    ``matrix = U diag((S + eps)^-1/2) U^T`` with eps = 0.1, and the exact ``inverse`` (U diag((S +
+    eps)^1/2) U^T), so whitened images convert back to pixels (exports, PNG grids) without loss.
+    Whitened inputs replace the per-channel mean/std normalisation; synthetic images then live
+    in the whitened space, which has no per-channel pixel box (so renders are not clipped).
+    """
+
+    mean: np.ndarray      # float32 [D], D = H * W * C
+    matrix: np.ndarray    # float32 [D, D], symmetric
+    inverse: np.ndarray   # float32 [D, D]
+    eps: float = 0.1
+
+
+def fit_whitening(images: np.ndarray, eps: float = 0.1, chunk: int = 2048) -> Whitening:
+    """ZCA of uint8 images [N, H, W, C] (see :class:`Whitening`); the covariance is accumulated
+    over chunks in float64, so memory stays at one D x D matrix plus a chunk."""
+    if eps <= 0:
+        raise ValueError(f"ZCA eps must be > 0, got {eps}")
+    n = len(images)
+    if n < 2:
+        raise ValueError(f"ZCA needs at least 2 training images, got {n}")
+    d = int(np.prod(images.shape[1:]))
+    total, gram = np.zeros(d), np.zeros((d, d))
+    for start in range(0, n, chunk):
+        x = images[start:start + chunk].reshape(-1, d).astype(np.float32) / 255.0
+        total += x.sum(axis=0, dtype=np.float64)
+        gram += (x.T @ x).astype(np.float64)   # float32 products, float64 sum over chunks
+    mean = total / n
+    cov = (gram - n * np.outer(mean, mean)) / (n - 1)
+    values, vectors = np.linalg.eigh(cov)
+    values = np.maximum(values, 0.0) + eps
+    matrix = (vectors * values ** -0.5) @ vectors.T
+    inverse = (vectors * values ** 0.5) @ vectors.T
+    return Whitening(mean.astype(np.float32), matrix.astype(np.float32), inverse.astype(np.float32), eps)
 
 
 def _split_name(name: str) -> tuple:
@@ -266,7 +311,7 @@ def split_validation(images, labels, per_class: int, seed: int = VAL_SEED):
 
 def load(name: str, data_dir: str | None = None, *, max_train_per_class: int | None = None,
          max_test_per_class: int | None = None, val_per_class: int = 0,
-         download: bool = False) -> RealData:
+         download: bool = False, zca: bool = False) -> RealData:
     """Load a TFDS image-classification dataset fully into memory; the network is used only
     with ``download=True``, to download and prepare a missing non-embedded dataset.
 
@@ -274,6 +319,8 @@ def load(name: str, data_dir: str | None = None, *, max_train_per_class: int | N
     keep the first examples of each class in TFDS stored order. ``val_per_class`` > 0 carves a
     class-balanced validation split (seeded by VAL_SEED) out of those training images: the
     returned train arrays exclude it, and hyper-parameters are chosen on it, never on test.
+    ``zca`` fits ZCA whitening (:class:`Whitening`) on those train arrays (validation excluded):
+    every consumer then converts images with :func:`to_model` / :func:`to_pixels`.
     Raises DatasetNotFoundError
     when a non-embedded dataset is not prepared under ``data_dir`` (default: TFDS default).
     """
@@ -322,6 +369,8 @@ def load(name: str, data_dir: str | None = None, *, max_train_per_class: int | N
     if val_per_class:
         (train_images, train_labels), (val["val_images"], val["val_labels"]) = split_validation(
             train_images, train_labels, val_per_class)
+    if zca:
+        val["whitening"] = fit_whitening(train_images)
     data = RealData(name, train_images, train_labels, test_images, test_labels,
                     tuple(str(n) for n in names), mean, std, **val)
     logging.info("loaded %s from %s: train %d, val %d, test %d (%s), %d classes, images %s",
@@ -336,6 +385,34 @@ def normalize(images, mean, std) -> tf.Tensor:
     return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
+def to_model(data: RealData, images) -> tf.Tensor:
+    """uint8 (or float 0..255) pixels [N, H, W, C] -> the network's float32 inputs for `data`:
+    :func:`normalize` with its per-channel statistics, or its ZCA whitening when it has one."""
+    w = data.whitening
+    if w is None:
+        return normalize(images, data.mean, data.std)
+    x = tf.cast(images, tf.float32) / 255.0
+    shape = tf.shape(x)
+    flat = tf.reshape(x, [shape[0], -1]) - tf.constant(w.mean)
+    return tf.reshape(tf.matmul(flat, tf.constant(w.matrix)), shape)
+
+
+def to_pixel_values(data: RealData, x) -> tf.Tensor:
+    """Inverse of :func:`to_model` before rounding: float32 pixel values, 0..255 for real images."""
+    w = data.whitening
+    x = tf.cast(x, tf.float32)
+    if w is None:
+        return (x * tf.constant(data.std, tf.float32) + tf.constant(data.mean, tf.float32)) * 255.0
+    shape = tf.shape(x)
+    flat = tf.matmul(tf.reshape(x, [shape[0], -1]), tf.constant(w.inverse)) + tf.constant(w.mean)
+    return tf.reshape(flat, shape) * 255.0
+
+
+def to_pixels(data: RealData, x) -> tf.Tensor:
+    """Inverse of :func:`to_model`: network inputs -> uint8 pixels, rounded and clipped."""
+    return tf.cast(tf.clip_by_value(tf.round(to_pixel_values(data, x)), 0.0, 255.0), tf.uint8)
+
+
 def stratified_subset(labels, size: int) -> np.ndarray:
     """Indices of about `size` examples with the classes in their split proportions. Test
     splits may be stored sorted by class (RealData's are), so a prefix would hold one or two
@@ -346,6 +423,9 @@ def stratified_subset(labels, size: int) -> np.ndarray:
 
 def pixel_range(data: RealData) -> tuple:
     """(lo, hi) float32 [C]: pixel values 0 and 255 in the normalised units of `data`."""
+    if data.whitening is not None:
+        raise ValueError(f"{data.name} is ZCA-whitened: its inputs have no per-channel pixel range "
+                         "to clip to (use --noclip_pixels with --zca)")
     mean, std = np.asarray(data.mean, np.float32), np.asarray(data.std, np.float32)
     return (0.0 - mean) / std, (1.0 - mean) / std
 
@@ -353,10 +433,8 @@ def pixel_range(data: RealData) -> tuple:
 def fraction_outside_pixel_range(images, data: RealData) -> float:
     """Share of the values of normalised `images` that no uint8 pixel of `data` can take
     (beyond 0..255 by more than the half gray level that rounding absorbs)."""
-    lo, hi = pixel_range(data)
-    half_level = 0.5 / 255.0 / np.asarray(data.std, np.float32)
-    x = np.asarray(images, np.float32)
-    return float(np.mean((x < lo - half_level) | (x > hi + half_level)))
+    values = np.asarray(to_pixel_values(data, np.asarray(images, np.float32)))
+    return float(np.mean((values < -0.5) | (values > 255.5)))
 
 
 def denormalize(x, mean, std) -> tf.Tensor:
@@ -383,11 +461,15 @@ class ClassBalancedSampler:
         if np.any(np.diff(data.train_labels) < 0):
             raise ValueError(f"{data.name}: train data must be sorted by class (use data.load)")
         self._data = data
-        self._images = tf.constant(data.train_images)  # uint8, class-sorted
+        if data.whitening is None:
+            self._images = tf.constant(data.train_images)  # uint8, class-sorted; normalised per draw
+        else:   # whitened once here: per draw, the D x D product would add ~20 % to a DM forward
+            self._images = tf.constant(np.concatenate(
+                [to_model(data, data.train_images[i:i + 4096]).numpy()
+                 for i in range(0, len(data.train_images), 4096)]))
         self._counts = tf.constant(counts, tf.int32)
         self._offsets = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]), tf.int32)
         self._max_count = int(counts.max())
-        self._mean, self._std = data.mean, data.std
         self.num_classes = data.num_classes
 
     def sample(self, seed, per_class: int, part: tuple | None = None):
@@ -419,7 +501,9 @@ class ClassBalancedSampler:
             size = per_class // part[1]
             local, per_class = local[:, part[0] * size:(part[0] + 1) * size], size
         index = tf.reshape(local + self._offsets[:, None], [-1])
-        images = normalize(tf.gather(self._images, index), self._mean, self._std)
+        images = tf.gather(self._images, index)
+        if self._data.whitening is None:
+            images = to_model(self._data, images)
         labels = tf.repeat(tf.range(c, dtype=tf.int32), per_class)
         return images, labels
 
@@ -459,7 +543,6 @@ def val_dataset(data: RealData, batch_size: int = 500) -> tf.data.Dataset | None
 def _batches(images, labels, batch_size, data):
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    mean, std = data.mean, data.std
     ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
-    return ds.batch(batch_size).map(lambda x, y: (normalize(x, mean, std), y),
+    return ds.batch(batch_size).map(lambda x, y: (to_model(data, x), y),
                                     num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)

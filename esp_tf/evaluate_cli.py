@@ -85,8 +85,9 @@ def main(argv):
                 and not os.path.isdir(os.path.join(source_dir, *base.split("/")))):
             source_dir = None    # an embedded source is prepared in TFDS's default data_dir, never
             #                      in a folder the user gave for the condensed set
-        real = data_lib.load(cset.source_dataset, source_dir, max_train_per_class=1)
-        images, labels, label = cset.normalized(real.mean, real.std), cset.labels, F.label or cset.label
+        real = cset.load_source(source_dir)
+        images, labels, label = (cset.normalized(real.mean, real.std, real.whitening), cset.labels,
+                                 F.label or cset.label)
         if images.shape[1:] != real.image_shape or labels.min() < 0 or labels.max() >= real.num_classes:
             raise wd.UserError(f"{F.condensed}: images {images.shape[1:]} with labels {labels.min()}.."
                                f"{labels.max()} do not fit {real.name} ({real.image_shape}, "

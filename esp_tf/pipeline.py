@@ -35,7 +35,7 @@ _RERUN_SAFE = {"phases", "log_every", "ckpt_every", "restart", "jit_compile", "d
 # Flags added after workdirs existed, with the value that reproduces what a run from before them
 # did: a flags.txt without the flag is compared as if it held that value. (dm_reduction: those
 # runs summed L_DM, so they resume only with --dm_reduction=sum, and the refusal names it.)
-_ADDED_FLAGS = {"val_per_class": "0", "dm_reduction": "sum", "range_map": "clip"}
+_ADDED_FLAGS = {"val_per_class": "0", "dm_reduction": "sum", "range_map": "clip", "zca": "False"}
 # Evaluation settings: changing them keeps the condensation, and moves aside the outputs they made.
 _EVAL_FLAGS = ("eval_epochs", "eval_runs", "eval_batch", "eval_lr", "eval_dsa")
 _EVAL_OUTPUTS = ("eval.json", os.path.join("saved_model", "classifier"), "tfds")
@@ -168,7 +168,7 @@ def _setup(s, quiet: bool = False):
     tf.config.set_soft_device_placement(True)
     try:
         real = data_lib.load(s.dataset, s.data_dir, val_per_class=s.val_per_class,
-                             download=s.download)
+                             download=s.download, zca=s.zca)
     except ValueError as e:
         if s.val_per_class and "val_per_class" in str(e):
             raise wd.UserError(f"--{e}") from e
@@ -275,11 +275,11 @@ def _baseline_sets(s, real, net, store) -> dict:
     sets = {}
     if "random" in s.baselines:
         rx, ry = data_lib.ClassBalancedSampler(real).random_subset(s.seed, s.ipc)
-        sets["random"] = (data_lib.normalize(rx, real.mean, real.std).numpy(), ry)
+        sets["random"] = (data_lib.to_model(real, rx).numpy(), ry)
     if "herding" in s.baselines:
         theta = store.read(0)[-1]                       # expert 0 after its last epoch
         hx, hy = baselines.herding_subset(real, net, theta, s.ipc)
-        sets["herding"] = (data_lib.normalize(hx, real.mean, real.std).numpy(), hy)
+        sets["herding"] = (data_lib.to_model(real, hx).numpy(), hy)
     return sets
 
 
@@ -287,7 +287,8 @@ def phase_evaluate(s, real, net, store, images, labels):
     import tensorflow as tf
     from esp_tf import data as data_lib, evaluate, saved_models
     config = cli.eval_config(s)
-    test_x = data_lib.normalize(real.test_images, real.mean, real.std).numpy()
+    test_x = np.concatenate([data_lib.to_model(real, real.test_images[i:i + 4096]).numpy()
+                             for i in range(0, len(real.test_images), 4096)])
     val = data_lib.val_dataset(real)
     results = wd.read_json(_path(s, "eval.json")) or {}
     sets = {s.method: (images, labels), **_baseline_sets(s, real, net, store)}
@@ -304,7 +305,8 @@ def phase_evaluate(s, real, net, store, images, labels):
 
         def export_first(i, model, acc, method=method):
             if i == 0 and method == s.method:     # the classifier trained on the condensed set
-                saved_models.export_classifier(model, real.mean, real.std, classifier)
+                saved_models.export_classifier(model, real.mean, real.std, classifier,
+                                              whitening=real.whitening)
                 wd.say(f"export: classifier SavedModel {classifier} "
                        f"(seed {s.seed}, test accuracy {acc:.2f}%, signature 'serve' takes uint8)")
 
@@ -325,7 +327,7 @@ def phase_evaluate(s, real, net, store, images, labels):
 # =====================================================================================
 def phase_export(s, real, images, labels, synthetic, results):
     from esp_tf import data as data_lib, export, saved_models
-    pixels = data_lib.denormalize(images, real.mean, real.std).numpy()
+    pixels = data_lib.to_pixels(real, images).numpy()
     clipped = data_lib.fraction_outside_pixel_range(images, real)
     if clipped > 0:
         wd.say(f"export: WARNING {100 * clipped:.2f}% of the set's values lie outside the pixel range "
@@ -336,14 +338,18 @@ def phase_export(s, real, images, labels, synthetic, results):
     name = s.export_name or f"{s.method}_{real.name.split(':')[0]}_ipc{s.ipc}"
     meta = {"source_dataset": real.name, "method": s.method, "param": s.param, "ipc": s.ipc,
             "flags": cli.values(s), "accuracy": results.get(s.method, {}),
-            "fraction_clipped_in_uint8": round(clipped, 6)}
+            "fraction_clipped_in_uint8": round(clipped, 6),
+            # ZCA-whitened runs: 'image' holds the un-whitened pixels; 'image_normalized' the network
+            # inputs, which a reader reproduces from 'image' by fitting the same ZCA on the source
+            # train split minus this validation split (esp_tf.evaluate does)
+            "zca": real.whitening is not None, "val_per_class": s.val_per_class}
     out = export.export_tfds(name=name, data_dir=_path(s, "tfds"), images=pixels, labels=labels,
                              class_names=list(real.class_names), metadata=meta,
                              images_normalized=np.asarray(images, np.float32))
     wd.say(f"export: grid {_path(s, 'grid.png')}; TFDS dataset '{name}' in {out}")
     if synthetic is not None:
         gen = saved_models.export_generator(synthetic, real.mean, real.std,
-                                            _path(s, "saved_model", "generator"))
+                                            _path(s, "saved_model", "generator"), whitening=real.whitening)
         wd.say(f"export: generator SavedModel {gen} (signature 'render')")
     if os.path.exists(_path(s, "metrics.jsonl")):
         export.plot_curves(_path(s, "metrics.jsonl"), _path(s, "curves.png"))

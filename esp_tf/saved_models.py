@@ -4,15 +4,23 @@
   `render` signature returning the images as the model sees them, as viewable uint8 and the
   labels. For latents this is the compact form users ship: codes + decoders, not the renders.
 * A classifier trained on the condensed set, behind a `serve` signature that takes raw uint8
-  images [B, H, W, C] and normalises inside (mean/std of the source dataset), returning logits
-  and class probabilities.
+  images [B, H, W, C] and normalises inside (mean/std of the source dataset, or its ZCA whitening
+  for a run with --zca, baked in as constants), returning logits and class probabilities.
 """
 from __future__ import annotations
+
+import types
 
 import numpy as np
 import tensorflow as tf
 
 from esp_tf import fs
+
+
+def _preprocessing(mean, std, whitening):
+    """What `data.to_model` / `data.to_pixel_values` read of a dataset: its statistics and ZCA."""
+    return types.SimpleNamespace(mean=np.asarray(mean, np.float32), std=np.asarray(std, np.float32),
+                                 whitening=whitening)
 
 
 def _write_atomic(module: tf.Module, path: str, signatures: dict) -> str:
@@ -38,41 +46,42 @@ def _write_atomic(module: tf.Module, path: str, signatures: dict) -> str:
 
 
 class _Generator(tf.Module):
-    def __init__(self, synthetic, mean, std):
+    def __init__(self, synthetic, mean, std, whitening=None):
         super().__init__(name="esp_generator")
         self.synthetic = synthetic                           # tracks its variables
-        self.mean = tf.constant(np.asarray(mean, np.float32))
-        self.std = tf.constant(np.asarray(std, np.float32))
+        self._prep = _preprocessing(mean, std, whitening)
 
     @tf.function(input_signature=[])
     def render(self):
+        from esp_tf import data as data_lib
         images, labels = self.synthetic.render()                            # [N,H,W,C], [N]
-        pixels = tf.clip_by_value(tf.round((images * self.std + self.mean) * 255.0), 0, 255)
+        pixels = tf.clip_by_value(tf.round(data_lib.to_pixel_values(self._prep, images)), 0, 255)
         return {"images": images, "images_uint8": tf.cast(pixels, tf.uint8), "labels": labels}
 
 
-def export_generator(synthetic, mean, std, path: str) -> str:
-    """Saves the synthetic set's generator; `loaded.signatures['render']()` re-creates it."""
-    module = _Generator(synthetic, mean, std)
+def export_generator(synthetic, mean, std, path: str, whitening=None) -> str:
+    """Saves the synthetic set's generator; `loaded.signatures['render']()` re-creates it.
+    `whitening`: the run's `data.Whitening` (--zca), used to turn renders into uint8 pixels."""
+    module = _Generator(synthetic, mean, std, whitening)
     return _write_atomic(module, path, {"render": module.render})
 
 
 class _Classifier(tf.Module):
-    def __init__(self, model, mean, std):
+    def __init__(self, model, mean, std, whitening=None):
         super().__init__(name="esp_classifier")
         self.model = model
-        self.mean = tf.constant(np.asarray(mean, np.float32))
-        self.std = tf.constant(np.asarray(std, np.float32))
+        self._prep = _preprocessing(mean, std, whitening)
         shape = [None, *model.input_shape[1:]]
         self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec(shape, tf.uint8)])
 
     def _serve(self, images):
-        x = (tf.cast(images, tf.float32) / 255.0 - self.mean) / self.std
-        logits = self.model(x, training=False)
+        from esp_tf import data as data_lib
+        logits = self.model(data_lib.to_model(self._prep, images), training=False)
         return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
 
 
-def export_classifier(model, mean, std, path: str) -> str:
-    """Saves a trained Keras classifier with a uint8 `serve` signature (normalises inside)."""
-    module = _Classifier(model, mean, std)
+def export_classifier(model, mean, std, path: str, whitening=None) -> str:
+    """Saves a trained Keras classifier with a uint8 `serve` signature (normalises inside, or
+    whitens with `whitening`, the run's `data.Whitening`, for a --zca run)."""
+    module = _Classifier(model, mean, std, whitening)
     return _write_atomic(module, path, {"serving_default": module.serve, "serve": module.serve})

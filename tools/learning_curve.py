@@ -51,12 +51,12 @@ def main(argv):
             raise app.UsageError(f"--{name} must be >= 1")
     try:
         cset = condensed_lib.resolve(FLAGS.condensed, FLAGS.data_dir)
-        real = data_lib.load(cset.source_dataset, cset.data_dir, max_train_per_class=1)
+        real = cset.load_source(cset.data_dir)
     except (wd.UserError, data_lib.DatasetNotFoundError) as e:
         sys.exit(f"error: {e}")
-    x = cset.normalized(real.mean, real.std).astype(np.float32)
+    x = cset.normalized(real.mean, real.std, real.whitening).astype(np.float32)
     y = cset.labels.astype(np.int32)
-    test_x = data_lib.normalize(real.test_images, real.mean, real.std).numpy()
+    test_x = data_lib.to_model(real, real.test_images).numpy()
     test_y = real.test_labels.astype(np.int32)
     sub = data_lib.stratified_subset(test_y, FLAGS.test_subset)
     overrides = {k: getattr(FLAGS, k) for k in ("lr", "batch_size") if getattr(FLAGS, k) is not None}
