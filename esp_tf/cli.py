@@ -218,6 +218,13 @@ def validate(s: Settings) -> list:
         value = getattr(s, name)
         if isinstance(value, float) and not math.isfinite(value):
             errors.append(f"--{name} must be a finite number, got {value}")
+    if s.strategy != "none":
+        from esp_tf import methods
+        if not methods.get(s.method).data_parallel:
+            errors.append(f"--method={s.method} has no data-parallel update: drop --strategy (esp and dm "
+                          "have one)")
+        if s.jit_compile:
+            errors.append("--jit_compile is not supported under --strategy yet: drop one of them")
     from esp_tf import models                            # the registry models.build reads
     for name, value in (("model", s.model), ("eval_arch", eval_arch(s))):
         if value not in models.ARCHS:

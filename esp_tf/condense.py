@@ -145,8 +145,8 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories, s: CondenseSettin
             have = "none" if trajectories is None else f"{trajectories.shape[1]} snapshots"
             raise wd.UserError(f"method {s.method} needs expert trajectories of max_start_epoch + "
                                f"segment_length = {needed} snapshots; got {have}")
-    if strategy is not None and not method_class.data_parallel:
-        raise wd.UserError(f"method {s.method} has no data-parallel update; run it without --strategy")
+    if strategy is not None:
+        _check_data_parallel(s, strategy)
     with data_parallel_scope(strategy):
         syn = make_synthetic(real, s)
     budget = syn.budget()
@@ -233,6 +233,17 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories, s: CondenseSettin
     images, labels = (t.numpy() for t in syn.render())
     _save_synthetic(os.path.join(s.workdir, "synthetic.npz"), images, labels)
     return images, labels, syn
+
+
+def _check_data_parallel(s: CondenseSettings, strategy) -> None:
+    """What a split update needs: a method with one, and a real batch that splits evenly."""
+    if not s.method_class.data_parallel:
+        raise wd.UserError(f"method {s.method} has no data-parallel update; run it without --strategy")
+    replicas, config = strategy.num_replicas_in_sync, s.method_config
+    per_class = getattr(config, "real_per_class", 0) if getattr(config, "needs_real", True) else 0
+    if per_class % replicas:
+        raise wd.UserError(f"--real_per_class={per_class} must be a multiple of the {replicas} replicas "
+                           "of --strategy (each embeds an equal share of every class's real batch)")
 
 
 def data_parallel_scope(strategy):

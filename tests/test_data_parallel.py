@@ -215,3 +215,18 @@ def test_multi_worker_mirrored_condensation_in_two_processes_matches_one_process
     np.testing.assert_array_equal(workers[0], workers[1])
     assert np.abs(workers[0] - single).max() <= 1e-4 * np.abs(single).max()
     assert (tmp_path / "worker0" / "ckpt" / "checkpoint").exists()
+
+
+def test_settings_a_strategy_cannot_run_are_one_line_errors(tmp_path):
+    import types
+    from esp_tf import cli, condense, methods, workdir as wd
+    errors = cli.validate(cli.settings(workdir=str(tmp_path), strategy="mirrored", method="tm"))
+    assert any("--method=tm has no data-parallel update" in e for e in errors), errors
+    errors = cli.validate(cli.settings(workdir=str(tmp_path), strategy="mirrored", jit_compile=True))
+    assert any("--jit_compile is not supported under --strategy" in e for e in errors), errors
+    assert cli.validate(cli.settings(workdir=str(tmp_path), strategy="mirrored")) == []
+    two = types.SimpleNamespace(num_replicas_in_sync=2)           # checked before anything is built
+    s = condense.CondenseSettings(workdir=str(tmp_path), method="dm",
+                                  method_config=methods.get("dm").Config(real_per_class=3))
+    with pytest.raises(wd.UserError, match="--real_per_class=3 must be a multiple of the 2 replicas"):
+        condense.run(None, None, None, s, two)
