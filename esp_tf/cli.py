@@ -89,6 +89,15 @@ flags.DEFINE_enum("range_map", "clip", ["clip", "tanh"], "How --clip_pixels keep
                   "pixel range: clip (a value at a bound gets no gradient), or tanh (a smooth map into "
                   "the range; every value keeps its gradient).")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the ESP step (recommended on GPU).")
+# -- scaling out (README "Scaling out"; scheduling only: a rerun may change them) ---------------
+flags.DEFINE_integer("worker_index", None, "This worker's index among --num_workers expert-generation "
+                     "workers (trains experts k with k %% num_workers == worker_index into the shared "
+                     "--experts_dir); default: from TF_CONFIG, else the only worker.")
+flags.DEFINE_integer("num_workers", None, "Expert-generation workers filling one --experts_dir "
+                     "(with --worker_index); default: the chief + worker tasks of TF_CONFIG, else 1.")
+flags.DEFINE_enum("strategy", "none", ["none", "mirrored", "multi_worker"], "tf.distribute strategy "
+                  "of the condensation: none (one device), mirrored (every local GPU, data-parallel), "
+                  "multi_worker (MultiWorkerMirroredStrategy across the TF_CONFIG cluster).")
 flags.DEFINE_integer("ckpt_every", 50, "Checkpoint the synthetic set every this many iterations.")
 flags.DEFINE_integer("log_every", 10, "Log metrics every this many iterations.")
 
@@ -209,6 +218,13 @@ def validate(s: Settings) -> list:
         value = getattr(s, name)
         if isinstance(value, float) and not math.isfinite(value):
             errors.append(f"--{name} must be a finite number, got {value}")
+    if s.strategy != "none":
+        from esp_tf import methods
+        if not methods.get(s.method).data_parallel:
+            errors.append(f"--method={s.method} has no data-parallel update: drop --strategy (esp and dm "
+                          "have one)")
+        if s.jit_compile:
+            errors.append("--jit_compile is not supported under --strategy yet: drop one of them")
     from esp_tf import models                            # the registry models.build reads
     for name, value in (("model", s.model), ("eval_arch", eval_arch(s))):
         if value not in models.ARCHS:

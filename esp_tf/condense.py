@@ -12,8 +12,8 @@ variables and the iteration, so a resumed run ends where an uninterrupted one wo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import glob
 import io
 import json
 import os
@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from esp_tf import data as data_lib, methods, synthetic as synthetic_lib, workdir as wd
+from esp_tf import data as data_lib, fs, methods, synthetic as synthetic_lib, workdir as wd
 from esp_tf.methods.base import Context
 from esp_tf.models import FlatModel
 
@@ -129,9 +129,10 @@ def _save_synthetic(path: str, images: np.ndarray, labels: np.ndarray) -> None:
     wd.atomic_write_bytes(path, buf.getvalue())
 
 
-def run(real: data_lib.RealData, net: FlatModel, trajectories, s: CondenseSettings):
+def run(real: data_lib.RealData, net: FlatModel, trajectories, s: CondenseSettings, strategy=None):
     """Condenses `real` with the method of `s`, guided by `trajectories` [K, S, P] when the
-    method reads them (None otherwise).
+    method reads them (None otherwise). With a tf.distribute `strategy`, the set and its
+    optimizers are mirrored and every update is split across the replicas (`data_parallel`).
 
     Returns (images, labels, synthetic): the rendered set as normalised float32 [C*M, H, W, Ch]
     (what the model sees) with int32 labels, and the learnable set itself. A finished run
@@ -144,18 +145,22 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories, s: CondenseSettin
             have = "none" if trajectories is None else f"{trajectories.shape[1]} snapshots"
             raise wd.UserError(f"method {s.method} needs expert trajectories of max_start_epoch + "
                                f"segment_length = {needed} snapshots; got {have}")
-    syn = make_synthetic(real, s)
+    if strategy is not None:
+        _check_data_parallel(s, strategy)
+    with data_parallel_scope(strategy):
+        syn = make_synthetic(real, s)
     budget = syn.budget()
     wd.write_json(os.path.join(s.workdir, "budget.json"), budget)
     wd.say(f"synthetic set: {s.param}, {budget['params_per_class']:.0f} stored floats per class "
            f"(budget {budget['budget_per_class']}), {syn.images_per_class} images rendered per class")
-    optimizers = make_optimizers(s)
-    context = Context(net=net, synthetic=syn, optimizers=optimizers,
-                      sampler=data_lib.ClassBalancedSampler(real),
-                      trajectories=trajectories if method_class.needs_trajectories else None,
-                      segment_length=s.segment_length, max_start_epoch=s.max_start_epoch, seed=s.seed,
-                      jit_compile=s.jit_compile)
-    method = method_class(context, s.method_config)
+    with data_parallel_scope(strategy):
+        optimizers = make_optimizers(s)
+        context = Context(net=net, synthetic=syn, optimizers=optimizers,
+                          sampler=data_lib.ClassBalancedSampler(real),
+                          trajectories=trajectories if method_class.needs_trajectories else None,
+                          segment_length=s.segment_length, max_start_epoch=s.max_start_epoch, seed=s.seed,
+                          jit_compile=s.jit_compile, strategy=strategy)
+        method = method_class(context, s.method_config)
     extra = method.state()
     iteration = tf.Variable(0, dtype=tf.int64, name="iteration")
     ckpt = tf.train.Checkpoint(synthetic=syn, iteration=iteration, **extra,
@@ -230,6 +235,22 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories, s: CondenseSettin
     return images, labels, syn
 
 
+def _check_data_parallel(s: CondenseSettings, strategy) -> None:
+    """What a split update needs: a method with one, and a real batch that splits evenly."""
+    if not s.method_class.data_parallel:
+        raise wd.UserError(f"method {s.method} has no data-parallel update; run it without --strategy")
+    replicas, config = strategy.num_replicas_in_sync, s.method_config
+    per_class = getattr(config, "real_per_class", 0) if getattr(config, "needs_real", True) else 0
+    if per_class % replicas:
+        raise wd.UserError(f"--real_per_class={per_class} must be a multiple of the {replicas} replicas "
+                           "of --strategy (each embeds an equal share of every class's real batch)")
+
+
+def data_parallel_scope(strategy):
+    """strategy.scope() (variables made inside are mirrored), or no scope without a strategy."""
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
 def _checkpoint_problem(path: str) -> str | None:
     """Why checkpoint `path` cannot be resumed from ("damaged ..." or "non-finite"), or None.
 
@@ -249,7 +270,7 @@ def _restore_last_intact(ckpt, manager) -> str | None:
     """Restores the newest intact, finite checkpoint of `manager`; returns its path (None: none)."""
     skipped, paths = [], list(manager.checkpoints)
     if not paths:    # a lost or garbled `checkpoint` index lists nothing, but the shards remain
-        found = glob.glob(os.path.join(manager.directory, "ckpt-*.index"))
+        found = fs.glob(os.path.join(manager.directory, "ckpt-*.index"))
         paths = sorted((p[:-len(".index")] for p in found), key=lambda p: int(p.rsplit("-", 1)[1]))
     for path in reversed(paths):           # newest first
         problem = _checkpoint_problem(path)
@@ -276,9 +297,9 @@ def _restore_last_intact(ckpt, manager) -> str | None:
 def _drop_metrics_after(path: str, iteration: int) -> None:
     """Keeps the rows of metrics.jsonl up to `iteration` (the resumed one): rows logged after the
     last checkpoint are logged again by the resumed run, and a killed writer may leave half a line."""
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return
-    with open(path) as f:
+    with fs.open(path) as f:
         lines = f.read().splitlines()
     kept = []
     for line in lines:

@@ -472,13 +472,19 @@ class ClassBalancedSampler:
         self._max_count = int(counts.max())
         self.num_classes = data.num_classes
 
-    def sample(self, seed, per_class: int):
+    def sample(self, seed, per_class: int, part: tuple | None = None):
         """Normalised float32 images [C*per_class, H, W, Ch] (class-major) and int32 labels.
 
         ``seed`` is a shape-[2] int32/int64 tensor (stateless RNG); ``per_class`` a Python int.
+        ``part=(i, n)`` (Python ints) returns only block i of n equal blocks of every class's
+        draw, per_class/n images per class: the n parts of one seed are together exactly the
+        full draw, so data-parallel replicas share one real batch without gathering it whole.
         """
         if not isinstance(per_class, int) or per_class < 1:
             raise ValueError(f"per_class must be a Python int >= 1, got {per_class!r}")
+        if part is not None and (per_class % part[1] or not 0 <= part[0] < part[1]):
+            raise ValueError(f"{per_class} real images per class do not split into {part[1]} equal "
+                             f"parts: make --real_per_class a multiple of the replicas ({part[1]})")
         c = self.num_classes
         # int keys from a fixed algorithm: XLA's float stateless_uniform and its auto-selected
         # algorithm differ from the CPU kernel's, int Philox draws agree, so a --jit_compile
@@ -491,6 +497,9 @@ class ClassBalancedSampler:
         _, ranked = tf.math.top_k(keys, k=k)  # [C, k] distinct random positions per class
         cols = tf.math.floormod(tf.range(per_class)[None, :], self._counts[:, None])
         local = tf.gather(ranked, cols, batch_dims=1)  # cycle only when count < per_class
+        if part is not None:                           # [C, per_class / n] block of the draw
+            size = per_class // part[1]
+            local, per_class = local[:, part[0] * size:(part[0] + 1) * size], size
         index = tf.reshape(local + self._offsets[:, None], [-1])
         images = tf.gather(self._images, index)
         if self._data.whitening is None:

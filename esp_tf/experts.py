@@ -7,14 +7,14 @@ Generation is resumable: finished experts are files in the `TrajectoryStore` and
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
 import time
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from esp_tf import augment, data as data_lib, workdir as wd
+from esp_tf import augment, data as data_lib, fs, workdir as wd
 from esp_tf.models import FlatModel
 from esp_tf.trajectories import TrajectoryMeta, TrajectoryStore
 
@@ -65,10 +65,9 @@ def test_accuracy(net: FlatModel, theta, real: data_lib.RealData, correct_fn=Non
 
 
 def _save_partial(path: str, snapshots, velocity, step: int) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:      # a file object: np.savez would append ".npz" to a name
-            np.savez(f, snapshots=np.stack(snapshots), velocity=velocity, step=step)
-    wd.atomic_write(path, write)
+    buf = io.BytesIO()                  # a file object: np.savez would append ".npz" to a name
+    np.savez(buf, snapshots=np.stack(snapshots), velocity=velocity, step=step)
+    wd.atomic_write_bytes(path, buf.getvalue())
 
 
 def train_expert(net: FlatModel, real: data_lib.RealData, config: ExpertConfig, seed: int,
@@ -84,8 +83,9 @@ def train_expert(net: FlatModel, real: data_lib.RealData, config: ExpertConfig, 
     theta = net.init(tf.constant([seed, 0], tf.int64))
     velocity = tf.zeros_like(theta)
     snapshots, step = [theta.numpy()], 0
-    if partial_path and os.path.exists(partial_path):
-        saved = np.load(partial_path)
+    if partial_path and fs.exists(partial_path):
+        with fs.open(partial_path, "rb") as f:
+            saved = np.load(io.BytesIO(f.read()))
         snapshots, step = list(saved["snapshots"]), int(saved["step"])
         theta, velocity = tf.constant(snapshots[-1]), tf.constant(saved["velocity"])
         logging.info("expert seed %d: resuming at epoch %d from %s", seed, len(snapshots) - 1, partial_path)
@@ -120,25 +120,40 @@ def expert_meta(net: FlatModel, model_name: str, model_config: dict, dataset: st
                           train_config=train_config)
 
 
+def shard(num_experts: int, worker_index: int = 0, num_workers: int = 1) -> list[int]:
+    """The expert indices worker `worker_index` of `num_workers` trains: k % num_workers ==
+    worker_index. The shards are disjoint and together cover 0..num_experts-1, and expert k keeps
+    its seed whichever worker trains it, so the store holds the same experts for any worker count."""
+    if num_workers < 1 or not 0 <= worker_index < num_workers:
+        raise ValueError(f"worker index {worker_index} of {num_workers} workers: need "
+                         f"0 <= index < workers")
+    return list(range(worker_index, num_experts, num_workers))
+
+
 def generate(store: TrajectoryStore, net: FlatModel, real: data_lib.RealData, meta: TrajectoryMeta,
              num_experts: int, config: ExpertConfig, seed: int = 0, progress=None,
-             on_epoch=None) -> list[float]:
-    """Ensures experts 0..num_experts-1 exist in `store`; trains only the missing ones.
+             on_epoch=None, worker_index: int = 0, num_workers: int = 1) -> list[float]:
+    """Ensures this worker's experts (`shard`) of 0..num_experts-1 exist in `store`; trains only
+    the missing ones. With the default single worker that is every expert.
 
     Expert k uses seed (seed, k), so an interrupted run resumes with the same experts; an
     expert interrupted mid-way continues from its last epoch (`.partial.npz` beside it).
-    `progress(k, done, total, acc, seconds)` is called after each expert,
-    `on_epoch(k, epoch, epochs, loss)` after each epoch.
+    Several workers (processes or machines) may fill one store at once, each with its own
+    `worker_index`: their shards are disjoint, so no two write the same file.
+    `progress(k, done, total, acc, seconds)` is called after each expert (done and total count
+    this worker's shard), `on_epoch(k, epoch, epochs, loss)` after each epoch.
     Returns the test accuracies of the experts trained by this call.
     """
+    mine = shard(num_experts, worker_index, num_workers)
     store.initialize(meta)
     done = set(store.completed())
-    todo = [k for k in range(num_experts) if k not in done]
+    todo = [k for k in mine if k not in done]
     if not todo:
-        logging.info("all %d experts already in %s", num_experts, store.directory)
+        logging.info("all %d experts of worker %d/%d already in %s", len(mine), worker_index,
+                     num_workers, store.directory)
         return []
     trainer = _Trainer(net, config)
-    accs = []
+    accs, finished = [], len(mine) - len(todo)
     for k in todo:
         t0 = time.time()
         partial = store.expert_path(k) + ".partial.npz"
@@ -146,9 +161,9 @@ def generate(store: TrajectoryStore, net: FlatModel, real: data_lib.RealData, me
             net, real, config, seed=seed * 1_000_003 + k, trainer=trainer, partial_path=partial,
             on_epoch=(lambda e, n, loss, k=k: on_epoch(k, e, n, loss)) if on_epoch else None)
         store.write(k, snapshots)
-        if os.path.exists(partial):
-            os.remove(partial)
+        if fs.exists(partial):
+            fs.remove(partial)
         accs.append(acc)
         if progress:
-            progress(k, len(done) + len(accs), num_experts, acc, time.time() - t0)
+            progress(k, finished + len(accs), len(mine), acc, time.time() - t0)
     return accs

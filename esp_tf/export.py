@@ -14,15 +14,14 @@ import io
 import json
 import os
 import re
-import shutil
-import tempfile
+import uuid
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.dataset_builders import adhoc_builder
 
-from esp_tf import workdir as wd
+from esp_tf import fs, workdir as wd
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -64,8 +63,8 @@ def image_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, pad: in
 def save_png(image: np.ndarray, path: str) -> str:
     """Write a uint8 ``HxWxC`` (or ``HxW``) image as PNG and return ``path``.
 
-    Written to a temp file in the target directory and moved with ``os.replace`` so a reader
-    never sees a truncated PNG; parent directories are created.
+    Written to a temp file in the target directory and renamed (``workdir.atomic_write``) so a
+    reader never sees a truncated PNG; parent directories are created; ``path`` may be a URL.
     """
     image = np.asarray(image)
     if image.ndim == 2:
@@ -73,7 +72,7 @@ def save_png(image: np.ndarray, path: str) -> str:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
         raise ValueError(f"image must be uint8 HxWxC with C in (1,3,4); got {image.dtype} "
                          f"{image.shape}")
-    path = os.path.abspath(path)
+    path = fs.absolute(path)
     wd.atomic_write_bytes(path, tf.io.encode_png(image).numpy())   # with the umask's permissions
     return path
 
@@ -147,7 +146,9 @@ def export_tfds(*, name: str, data_dir: str, images: np.ndarray, labels: np.ndar
 
     The dataset is prepared in a hidden staging directory inside ``data_dir`` and renamed into
     place, so a crash never leaves a half-written dataset; an existing export of the same
-    name/version is moved aside, replaced, and only then deleted.
+    name/version is moved aside, replaced, and only then deleted. ``data_dir`` may be a
+    filesystem URL (gs://...): there the moves copy file by file (`fs.move_tree`), so a run
+    killed mid-copy can leave a partial export, which the next export replaces.
     """
     images = np.asarray(images)
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
@@ -175,10 +176,11 @@ def export_tfds(*, name: str, data_dir: str, images: np.ndarray, labels: np.ndar
                 ex["image_normalized"] = images_normalized[i]
             yield i, ex
 
-    data_dir = os.path.abspath(data_dir)
-    final = os.path.join(data_dir, name, version)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    staging = tempfile.mkdtemp(dir=data_dir, prefix=f".{name}-staging-")
+    data_dir = fs.absolute(data_dir).rstrip("/")
+    final = f"{data_dir}/{name}/{version}"
+    fs.makedirs(os.path.dirname(final))
+    staging = f"{data_dir}/.{name}-staging-{uuid.uuid4().hex[:12]}"
+    fs.makedirs(staging)
     try:
         builder = _CondensedBuilder(
             name=name, version=version, data_dir=staging,
@@ -189,21 +191,22 @@ def export_tfds(*, name: str, data_dir: str, images: np.ndarray, labels: np.ndar
             metadata=meta)
         with contextlib.redirect_stdout(io.StringIO()):   # TFDS prints "Downloading and preparing"
             builder.download_and_prepare(download_dir=os.path.join(staging, "downloads"))
-        built = os.path.join(staging, name, version)
-        if not os.path.isfile(os.path.join(built, "dataset_info.json")):
+        built = f"{staging}/{name}/{version}"
+        if not fs.exists(f"{built}/dataset_info.json"):
             raise RuntimeError(f"TFDS did not produce {built}/dataset_info.json")
         old = None
-        if os.path.exists(final):
-            old = os.path.join(staging, "previous")
-            os.rename(final, old)
+        if fs.exists(final):
+            old = f"{staging}/previous"
+            fs.move_tree(final, old)
         try:
-            os.rename(built, final)
+            fs.move_tree(built, final)
         except BaseException:
             if old is not None:  # put the previous export back rather than leave nothing
-                os.rename(old, final)
+                fs.move_tree(old, final)
             raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if fs.exists(staging):
+            fs.rmtree(staging)
     return final
 
 
@@ -213,7 +216,7 @@ def plot_curves(metrics_jsonl: str, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(metrics_jsonl) as f:
+    with fs.open(metrics_jsonl) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     if not rows:
         raise ValueError(f"{metrics_jsonl} holds no metrics")
@@ -227,6 +230,8 @@ def plot_curves(metrics_jsonl: str, path: str) -> str:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    wd.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    wd.atomic_write_bytes(path, buf.getvalue())
     plt.close(fig)
     return path

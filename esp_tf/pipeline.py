@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from esp_tf import cli, workdir as wd
+from esp_tf import cli, cluster, fs, workdir as wd
 
 
 # =====================================================================================
@@ -30,7 +30,8 @@ from esp_tf import cli, workdir as wd
 # checks its own metadata and recipe), and per-architecture / per-name evaluation and export
 # choices (eval.json holds one cell per method and architecture; exports are named).
 _RERUN_SAFE = {"phases", "log_every", "ckpt_every", "restart", "jit_compile", "data_dir", "experts_dir",
-               "workdir", "download", "verbose", "eval_arch", "baselines", "export_name"}
+               "workdir", "download", "verbose", "eval_arch", "baselines", "export_name",
+               "worker_index", "num_workers", "strategy"}
 # Flags added after workdirs existed, with the value that reproduces what a run from before them
 # did: a flags.txt without the flag is compared as if it held that value. (dm_reduction: those
 # runs summed L_DM, so they resume only with --dm_reduction=sum, and the refusal names it.)
@@ -184,15 +185,24 @@ def _setup(s, quiet: bool = False):
 # =====================================================================================
 # Phase 1: experts (resumable: one finished TFRecord per expert)
 # =====================================================================================
-def phase_experts(s, real, net):
+def phase_experts(s, real, net, worker):
+    """Trains this worker's shard of the experts (`cluster.worker`: all of them for a single
+    worker); with several workers and a later phase that reads every expert, then waits until
+    the other workers have filled the store."""
     from esp_tf import experts
     from esp_tf.trajectories import TrajectoryStore
     config = cli.expert_config(s)
     store = TrajectoryStore(cli.experts_dir(s))
     meta = experts.expert_meta(net, s.model, cli.model_config(s), real.train_identity, real.num_classes,
                                config, seed=s.seed)
-    finished = [k for k in store.completed() if k < s.num_experts] if os.path.isdir(store.directory) else []
-    bar = wd.Progress("experts", s.num_experts, done=len(finished))
+    mine = experts.shard(s.num_experts, worker.index, worker.count)
+    finished = [k for k in store.completed() if k in set(mine)]
+    name = "experts" if worker.count == 1 else f"experts worker {worker.index}/{worker.count}"
+    if worker.count > 1:
+        wd.say(f"experts: worker {worker.index} of {worker.count} (from {worker.source}) trains "
+               f"{len(mine)} of {s.num_experts} experts (k % {worker.count} == {worker.index}) into "
+               f"{store.directory}")
+    bar = wd.Progress(name, len(mine), done=len(finished))
 
     def progress(k, done, total, acc, seconds):
         tick[0] = time.time()
@@ -209,16 +219,35 @@ def phase_experts(s, real, net):
             wd.say(f"[expert {k}] epoch {epoch}/{epochs} loss {loss:.3f} ({seconds:.0f}s)")
 
     accs = experts.generate(store, net, real, meta, s.num_experts, config, seed=s.seed,
-                            progress=progress, on_epoch=on_epoch)
+                            progress=progress, on_epoch=on_epoch, worker_index=worker.index,
+                            num_workers=worker.count)
     if accs:
         wd.say(f"experts: trained {len(accs)}, mean test accuracy {100 * np.mean(accs):.1f}%")
+    if worker.count > 1 and set(s.phases) != {"experts"}:
+        _wait_for_experts(store, s.num_experts)
     return store, meta
+
+
+def _wait_for_experts(store, num_experts: int, poll_seconds: float = 10.0) -> None:
+    """Blocks until experts 0..num_experts-1 are all in `store` (the other workers' shards),
+    saying every minute which are missing. No time limit: a launcher restarts a dead worker,
+    which resumes its shard."""
+    last = 0.0
+    while True:
+        missing = sorted(set(range(num_experts)) - set(store.completed()))
+        if not missing:
+            return
+        if time.time() - last >= 60:
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            wd.say(f"experts: waiting for {len(missing)} expert(s) from the other workers: {shown}")
+            last = time.time()
+        time.sleep(poll_seconds)
 
 
 # =====================================================================================
 # Phase 2: condensation (checkpointed every --ckpt_every iterations)
 # =====================================================================================
-def phase_condense(s, real, net, store, meta):
+def phase_condense(s, real, net, store, meta, strategy=None):
     from esp_tf import condense, methods
     settings = cli.condense_settings(s)
     trajectories = None
@@ -231,7 +260,10 @@ def phase_condense(s, real, net, store, meta):
     detail = methods.get(s.method).describe(settings.method_config)
     wd.say(f"condense: {s.method.upper()} {s.iterations} iterations{' ' + detail if detail else ''}, "
            f"IPC {s.ipc}, param {s.param}")
-    return condense.run(real, net, trajectories, settings)
+    if strategy is not None:
+        wd.say(f"condense: {strategy.num_replicas_in_sync} replicas ({type(strategy).__name__}); "
+               "each update is split across them")
+    return condense.run(real, net, trajectories, settings, strategy)
 
 
 # =====================================================================================
@@ -335,6 +367,8 @@ def run(settings: cli.Settings, workdir: str) -> dict:
     tfds.disable_progress_bar()
     s = dataclasses.replace(settings, workdir=os.path.expanduser(workdir) if workdir else workdir)
     old = prepare_workdir(s)
+    worker = cluster.worker(s.worker_index, s.num_workers)
+    strategy = cluster.make_strategy(s.strategy)     # first: multi_worker configures the runtime
     t0 = time.time()
     real, net = _setup(s)
     _check_data(s, real)
@@ -342,10 +376,13 @@ def run(settings: cli.Settings, workdir: str) -> dict:
     store = meta = None
     needs_experts = methods.get(s.method).needs_trajectories or "herding" in s.baselines
     if needs_experts and ("experts" in s.phases or "condense" in s.phases or "herding" in s.baselines):
-        store, meta = phase_experts(s, real, net)
+        store, meta = phase_experts(s, real, net, worker)
     images = labels = synthetic = None
     if "condense" in s.phases:
-        images, labels, synthetic = phase_condense(s, real, net, store, meta)
+        images, labels, synthetic = phase_condense(s, real, net, store, meta, strategy)
+        if s.strategy == "multi_worker" and worker.index > 0:
+            wd.say(f"condense: worker {worker.index} done; worker 0 (the chief) evaluates and exports")
+            return {}
     elif os.path.exists(_path(s, "synthetic.npz")):
         images, labels = condensed.read_synthetic(_path(s, "synthetic.npz"))
     results = {}
@@ -388,7 +425,7 @@ def load_run(workdir: str, data_dir: str | None = None) -> Run:
     s = dataclasses.replace(s, workdir=workdir, **({"data_dir": data_dir} if data_dir else {}))
     real, net = _setup(s, quiet=True)
     directory = cli.experts_dir(s)
-    store = TrajectoryStore(directory) if os.path.isdir(directory) else None
+    store = TrajectoryStore(directory) if fs.isdir(directory) else None
     images = labels = None
     if os.path.exists(os.path.join(workdir, "synthetic.npz")):
         images, labels = condensed.read_synthetic(os.path.join(workdir, "synthetic.npz"))

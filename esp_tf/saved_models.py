@@ -9,12 +9,12 @@
 """
 from __future__ import annotations
 
-import os
-import shutil
 import types
 
 import numpy as np
 import tensorflow as tf
+
+from esp_tf import fs
 
 
 def _preprocessing(mean, std, whitening):
@@ -25,18 +25,23 @@ def _preprocessing(mean, std, whitening):
 
 def _write_atomic(module: tf.Module, path: str, signatures: dict) -> str:
     """tf.saved_model.save into a sibling temp dir, then swap it into place (a SavedModel is a
-    directory, so this is the directory counterpart of workdir.atomic_write)."""
-    path = os.path.abspath(path)
+    directory, so this is the directory counterpart of workdir.atomic_write). `path` may be a
+    filesystem URL (gs://...): there the swap copies the files (`fs.move_tree`), so a reader
+    during the swap may see a partial directory; a killed run leaves `<path>.tmp`/`.old`, which
+    the next export replaces."""
+    path = fs.absolute(path).rstrip("/")
     tmp = path + ".tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
+    if fs.exists(tmp):
+        fs.rmtree(tmp)
     tf.saved_model.save(module, tmp, signatures=signatures)
     old = path + ".old"
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if os.path.exists(old):
-        shutil.rmtree(old)
+    if fs.exists(old):
+        fs.rmtree(old)
+    if fs.exists(path):
+        fs.move_tree(path, old)
+    fs.move_tree(tmp, path)
+    if fs.exists(old):
+        fs.rmtree(old)
     return path
 
 

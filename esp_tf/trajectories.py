@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from esp_tf import workdir as wd
+from esp_tf import fs, workdir as wd
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -158,48 +158,53 @@ def _parse(record):
 
 
 class TrajectoryStore:
-    """A directory of expert trajectories; safe to resume and to share between worker processes."""
+    """A directory of expert trajectories; safe to resume and to share between worker processes.
+
+    `directory` is a local path or a filesystem URL (gs://bucket/experts, s3://..., ram://...;
+    every access goes through `esp_tf.fs`). Each file is written under a hidden temp name and
+    renamed (`workdir.atomic_write`): on an object store the rename is a copy + delete, the
+    expert file still appears whole or not at all, and `completed()` never lists a temp name."""
 
     def __init__(self, directory: str):
         self.directory = os.fspath(directory)
-        self.meta_path = os.path.join(self.directory, METADATA_FILE)
+        self.meta_path = f"{self.directory.rstrip('/')}/{METADATA_FILE}"
 
     def initialize(self, meta: TrajectoryMeta) -> None:
         """Creates the directory with `meta`, or checks an existing one (epochs must match too)."""
-        if os.path.exists(self.meta_path):
+        if fs.exists(self.meta_path):
             found = self.read_meta()
             problems = _mismatches(found, meta, _CHECKED + ("epochs",), where=self.meta_path)
             if problems:
                 _raise_incompatible(problems, self.meta_path)
             return
-        os.makedirs(self.directory, exist_ok=True)
-        if self.completed():
+        fs.makedirs(self.directory)
+        if self.completed() and not fs.exists(self.meta_path):   # not a worker that just wrote it
             raise TrajectoryError(
                 f"{self.directory} holds expert files but no {METADATA_FILE}, so nothing says what "
                 f"they were trained on; delete the directory or use another --experts_dir.")
-        wd.atomic_write_text(os.path.join(self.directory, METADATA_FILE), meta.to_json())
+        wd.atomic_write_text(self.meta_path, meta.to_json())
 
     def read_meta(self) -> TrajectoryMeta:
-        if not os.path.exists(self.meta_path):
+        if not fs.exists(self.meta_path):
             raise TrajectoryError(
                 f"{self.meta_path} not found: {self.directory} is not an expert directory; "
                 f"generate the experts first or point --experts_dir at an existing one.")
         try:
-            with open(self.meta_path, encoding="utf-8") as f:
-                return TrajectoryMeta.from_json(f.read())
+            with fs.open(self.meta_path, "rb") as f:
+                return TrajectoryMeta.from_json(f.read().decode("utf-8"))
         except (TrajectoryError, UnicodeDecodeError) as e:
             raise TrajectoryError(f"{self.meta_path} is unreadable ({e}); {_REGENERATE}.") from None
 
     def expert_path(self, k: int) -> str:
         if not isinstance(k, (int, np.integer)) or k < 0:
             raise TrajectoryError(f"expert index must be a non-negative int, got {k!r}")
-        return os.path.join(self.directory, f"expert_{int(k):05d}.tfrecord")
+        return f"{self.directory.rstrip('/')}/expert_{int(k):05d}.tfrecord"
 
     def completed(self) -> list[int]:
         """Sorted indices of finished experts (final names only; temp files are ignored)."""
-        if not os.path.isdir(self.directory):
+        if not fs.isdir(self.directory):
             return []
-        return sorted(int(m.group(1)) for m in map(_EXPERT_RE.match, os.listdir(self.directory))
+        return sorted(int(m.group(1)) for m in map(_EXPERT_RE.match, fs.listdir(self.directory))
                       if m)
 
     def write(self, k: int, snapshots: np.ndarray) -> str:
@@ -265,7 +270,7 @@ class TrajectoryStore:
     def _read_into(self, k, out, meta, check_end):
         """Fills out [n, P] from expert k's file, verifying every record; stops after n records."""
         path, n = self.expert_path(k), out.shape[0]
-        if not os.path.exists(path):
+        if not fs.exists(path):
             raise TrajectoryError(f"{path} not found: expert {k} was not generated yet; "
                                   f"rerun expert generation (it is resumable).")
         count = 0
@@ -296,4 +301,4 @@ class TrajectoryStore:
     def _atomic_write(self, name, write_fn):
         """Runs write_fn(tmp) on a temp file in the directory, then renames it to `name`
         (workdir.atomic_write): completed() never counts a file from a crashed or killed writer."""
-        wd.atomic_write(os.path.join(self.directory, name), write_fn)
+        wd.atomic_write(f"{self.directory.rstrip('/')}/{name}", write_fn)

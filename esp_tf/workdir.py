@@ -11,6 +11,8 @@ import textwrap
 import time
 import uuid
 
+from esp_tf import fs
+
 
 class UserError(Exception):
     """A problem the user can fix (bad flags, missing data, incompatible workdir): no traceback."""
@@ -18,29 +20,33 @@ class UserError(Exception):
 
 def atomic_write(path: str, write_fn) -> None:
     """The one file writer of esp_tf: `write_fn(tmp)` writes a unique temp file in the target's
-    folder, which is fsynced and renamed to `path`. A rename within one folder is atomic, so
-    readers (and a resumed run) see no file or a complete one, never a truncated one, and a
-    crashed or killed writer leaves only a hidden `.tmp` file that no reader picks up. The temp
-    file is created by `write_fn` itself, so it gets the umask's usual permissions (0644), not
-    mkstemp's 0600, and files stay readable to the other users of a shared folder.
+    folder (open it with `fs.open`, or a TensorFlow writer, so that URLs work), which is fsynced
+    and renamed to `path`. A rename within one folder is atomic, so readers (and a resumed run)
+    see no file or a complete one, never a truncated one, and a crashed or killed writer leaves
+    only a hidden `.tmp` file that no reader picks up. The temp file is created by `write_fn`
+    itself, so it gets the umask's usual permissions (0644), not mkstemp's 0600, and files stay
+    readable to the other users of a shared folder.
+
+    `path` may be a filesystem URL (gs://, s3://, ram://; see `fs`): there the rename is a copy
+    + delete, the final object still appears whole or not at all, and a writer killed between
+    the two leaves its hidden temp object behind, ignored by every reader.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    folder = os.path.dirname(fs.absolute(path))
+    fs.makedirs(folder)
+    tmp = f"{folder}/.{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         write_fn(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())      # data on disk before the rename makes it visible
-        os.replace(tmp, path)
+        fs.fsync(tmp)                 # data on disk before the rename makes it visible
+        fs.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if fs.exists(tmp):
+            fs.remove(tmp)
         raise
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     def write(tmp):
-        with open(tmp, "wb") as f:
+        with fs.open(tmp, "wb") as f:
             f.write(data)
     atomic_write(path, write)
 
@@ -72,17 +78,17 @@ def merge_json_cell(path: str, row: str, column: str, value) -> dict:
 
 def read_json(path: str):
     """The parsed file, or None when it does not exist; a corrupt file is a UserError."""
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return None
     try:
-        with open(path) as f:
+        with fs.open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e}); delete it to recompute it") from e
 
 
 def append_jsonl(path: str, obj) -> None:
-    with open(path, "a") as f:
+    with fs.open(path, "a") as f:
         f.write(json.dumps(obj, sort_keys=True) + "\n")
 
 

@@ -57,3 +57,22 @@ def run_python(args, *, cwd=REPO, env=None, timeout=600, check=False):
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-5000:]}")
     return out
+
+
+def free_ports(n: int) -> list:
+    """n free localhost ports (bound to port 0, then released)."""
+    import socket
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def tf_config(index: int, ports: list) -> str:
+    """TF_CONFIG of worker `index` in a cluster of localhost workers on `ports`."""
+    import json
+    hosts = [f"localhost:{p}" for p in ports]
+    return json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})

@@ -1,4 +1,6 @@
 """Expert training: snapshots per epoch, resumable generation, mid-expert resume is exact."""
+import os
+
 import numpy as np
 import pytest
 
@@ -65,3 +67,34 @@ def test_experts_of_another_model_are_refused(tmp_path):
     meta2 = experts.expert_meta(other, "convnet", {"width": 6, "depth": 2}, "fake", C, config)
     with pytest.raises(TrajectoryError, match="layout"):
         experts.generate(store, other, _real(), meta2, 1, config)
+
+
+def test_worker_shards_are_disjoint_and_cover_every_expert():
+    shards = [experts.shard(10, i, 3) for i in range(3)]
+    assert shards == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert experts.shard(10) == list(range(10))
+    with pytest.raises(ValueError, match="0 <= index < workers"):
+        experts.shard(10, 3, 3)
+
+
+def test_a_worker_trains_only_its_shard_and_the_experts_equal_a_single_workers(tmp_path):
+    net, config, meta = _setup(epochs=1)
+    one, two = TrajectoryStore(str(tmp_path / "one")), TrajectoryStore(str(tmp_path / "two"))
+    experts.generate(one, net, _real(), meta, 3, config)
+    assert len(experts.generate(two, net, _real(), meta, 3, config, worker_index=1, num_workers=2)) == 1
+    assert two.completed() == [1]
+    assert len(experts.generate(two, net, _real(), meta, 3, config, worker_index=0, num_workers=2)) == 2
+    assert two.completed() == [0, 1, 2]
+    for k in range(3):
+        np.testing.assert_array_equal(two.read(k), one.read(k))
+
+
+def test_experts_are_generated_into_a_non_local_store(tmp_path, monkeypatch):
+    """Expert generation (with its per-epoch partial files) through tf.io.gfile on ram://."""
+    import uuid
+    monkeypatch.chdir(tmp_path)
+    net, config, meta = _setup(epochs=2)
+    store = TrajectoryStore(f"ram://esp_tf_test_{uuid.uuid4().hex}/experts")
+    experts.generate(store, net, _real(), meta, 2, config)
+    assert store.completed() == [0, 1] and store.read(1).shape == (3, net.num_params)
+    assert os.listdir(tmp_path) == []

@@ -264,3 +264,25 @@ def test_expert_files_without_metadata_are_not_adopted(tmp_path, store):
     os.remove(store.meta_path)
     with pytest.raises(TrajectoryError, match="no metadata.json"):
         store.initialize(make_meta())
+
+
+def test_the_store_round_trips_through_a_non_local_gfile_filesystem(tmp_path, monkeypatch):
+    """ram:// is TensorFlow's in-memory filesystem: what works there goes through tf.io.gfile,
+    as gs:// or s3:// would. Nothing may land on the local disk (cwd is an empty folder)."""
+    import uuid
+    monkeypatch.chdir(tmp_path)
+    root = f"ram://esp_tf_test_{uuid.uuid4().hex}/experts"
+    ram = TrajectoryStore(root)
+    ram.initialize(make_meta())
+    xs = {k: awkward_snapshots(20 + k) for k in (3, 0)}
+    for k, x in xs.items():
+        ram.write(k, x)
+    tf.io.gfile.GFile(f"{root}/.expert_00001.tfrecord.1.abc.tmp", "wb").close()   # a killed writer's
+    assert ram.completed() == [0, 3]
+    assert tf.io.gfile.exists(f"{root}/expert_00003.tfrecord")
+    assert ram.read(3).tobytes() == xs[3].tobytes()
+    assert ram.load(make_meta(), num_snapshots=EPOCHS + 1).tobytes() == np.stack([xs[0], xs[3]]).tobytes()
+    assert TrajectoryStore(root).read_meta() == make_meta()
+    with pytest.raises(TrajectoryError, match="layout"):
+        TrajectoryStore(root).initialize(make_meta(layout=LAYOUT[:2]))
+    assert os.listdir(tmp_path) == []

@@ -14,7 +14,8 @@ class Context:
     """What the condensation loop hands a method: the student network (`models.FlatModel`), the
     learnable synthetic set, one optimizer per optimizer group (`Method.optimizer_groups`), the
     real-data sampler, the expert trajectories [K, S, P] (None for methods that need none), and
-    the run's segment and seed settings."""
+    the run's segment and seed settings, and the tf.distribute strategy the updates are split
+    across (None: one device; only methods with `data_parallel` accept one)."""
     net: object
     synthetic: object
     optimizers: dict
@@ -24,6 +25,7 @@ class Context:
     max_start_epoch: int = 20
     seed: int = 0
     jit_compile: bool = False
+    strategy: object = None
 
 
 class Method:
@@ -35,12 +37,15 @@ class Method:
       flag_fields          command-line flag -> Config field, for the flags this method reads.
       needs_trajectories   whether the method reads expert trajectories.
       default_lr_pixels    learning rate of pixel variables under `pixel_optimizer`.
+      data_parallel        whether the method's updates run split across the replicas of
+                           `Context.strategy` (esp_tf.data_parallel).
     """
 
     Config: type = None
     flag_fields: dict = {}
     needs_trajectories: bool = True
     default_lr_pixels: float = 0.01
+    data_parallel: bool = False
 
     def __init__(self, context: Context, config):
         self.context, self.config = context, config
