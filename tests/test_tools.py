@@ -72,3 +72,32 @@ def test_compare_tool_reports_validation_beside_test_and_marks_runs_without_one(
     assert "| validation (%) | test (%) |" in compare.HEADER
     assert rows == ["| beta_x | esp | convnet3 | 48.50 +- 0.50 | 51.00 +- 1.00 | 2 |",
                     "| random | random | convnet3 | - | 15.00 +- 0.00 | 1 |"]
+
+
+def test_speed_bench_quick_run_ends_with_finite_positive_efficiency_and_throughput_ratio(tmp_path):
+    import math
+    import re
+    from conftest import run_python
+    out = run_python([REPO / "tools" / "speed_bench.py", "--quick", f"--out={tmp_path / 'speed.json'}"],
+                     check=True)
+    last = out.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"ESP step FLOP efficiency: (\S+); experts / keras fit: (\S+)", last)
+    assert m, last
+    x, y = float(m.group(1)), float(m.group(2))
+    assert math.isfinite(x) and math.isfinite(y) and x > 0 and y > 0, last
+    rows = json.loads((tmp_path / "speed.json").read_text())
+    assert {r["name"] for r in rows} == {"latents1_r4", "experts_nodsa", "keras_fit"}
+    assert all(r["peak"] > 0 for r in rows)
+
+
+def test_speed_bench_counts_convnet3_flops_by_hand_and_double_backward_as_four_forward_units():
+    from esp_tf import models
+    bench = _tool("speed_bench")
+    net = bench.network_flops(models.build("convnet3", (32, 32, 3), 10))
+    macs = [32 * 32 * 27 * 128, 16 * 16 * 9 * 128 * 128, 8 * 8 * 9 * 128 * 128]       # conv0..2
+    assert net["forward_conv"] == 2 * sum(macs)
+    assert net["forward"] == 2 * (sum(macs) + 2048 * 10)                                 # + classifier
+    assert net["first"] == 2 * macs[0] and net["train"] == 3 * net["forward"] - net["first"]
+    f = bench.esp_update_flops(net, syn_images=5, real_images=7)
+    assert f["real"] == 7 * net["forward_conv"]
+    assert f["fwd_g"] + f["second_order"] == 5 * (7 * net["forward"] - 2 * net["first"] + net["forward_conv"])
