@@ -34,7 +34,7 @@ def _net():
 
 def _synthetic(param="pixels"):
     if param == "latents":
-        return LatentSynthetic(C, 1, (HW, HW, 1), init="gaussian", num_decoders=2, seed=0)
+        return LatentSynthetic(C, 1, (HW, HW, 1), init="gaussian", num_decoders=2, hidden=2, seed=0)
     return PixelSynthetic(C, IPC, (HW, HW, 1), init="gaussian", seed=0)
 
 
