@@ -15,6 +15,7 @@ per class; XLA on or off; DSA on, losses proj+dm, the paper's defaults otherwise
     fastest of --warm warm updates (the least disturbed by other jobs; every time below is so).
   * The parts are timed as separate compiled functions (same jit setting), each over --warm calls:
       real   the real DM forward: `matching.real_class_means` (sampling + per-class map_fn), no DSA;
+             "batched" beside it: the same means from one forward of all C*r images (no map_fn);
       fwd+G  the synthetic forward, G = dCE/dtheta and E E^T G (`esp.outer_loss` without an outer tape);
       outer  the same under an outer tape plus the outer gradients w.r.t. the augmented images, one
              per loss term as ESPStep takes them: "2nd order" = outer - fwd+G;
@@ -264,6 +265,13 @@ def _esp_case(case: dict) -> dict:
     real_fn = compile_(lambda seed: real_class_means(net, theta, sampler, seed, r, c, None))
     _, row["real"] = _timed(lambda i: real_fn(tf.constant([1, i], tf.int64)), warm)
 
+    def real_batched(seed):     # the same means from ONE forward of all C*r images (no map_fn)
+        x, y = sampler.sample(seed, r)
+        return tf.stop_gradient(tf.math.unsorted_segment_mean(net.features(theta, x), y, c))
+
+    real_batched_fn = compile_(real_batched)
+    _, row["real_batched"] = _timed(lambda i: real_batched_fn(tf.constant([1, i], tf.int64)), warm)
+
     x_aug, y_syn = syn.render()
     x_aug = tf.identity(x_aug)
     real_means = real_fn(tf.constant([0, 0], tf.int64))
@@ -426,7 +434,8 @@ def _results(cases: list[dict], parallel: bool):
 def _esp_line(r: dict) -> str:
     f = r["flops"]
     rate = f["total"] / r["update"]
-    return (f"| {r['name']} | {r['images']} | {r['first']:.2f} | {r['update']:.3f} | {r['real']:.3f} | "
+    return (f"| {r['name']} | {r['images']} | {r['first']:.2f} | {r['update']:.3f} | "
+            f"{r['first'] / r['update']:.1f} | {r['real']:.3f} | {r['real_batched']:.3f} | "
             f"{r['fwd_g']:.3f} | {r['second_order']:.3f} | {r['dsa']:.3f} | {r['render']:.3f} | {r['opt']:.3f} | "
             f"{r['other']:.3f} | {f['total'] / 1e9:.1f} | {rate / 1e9:.1f} | {rate / r['peak']:.2f} | "
             f"{f['real'] / r['real'] / r['peak']:.2f} | "
@@ -529,9 +538,9 @@ def main(argv):
         if r["type"] == "esp":
             if not esp_header:
                 print("ESP update (seconds; one child per case; DSA on, losses proj+dm; parts: see the docstring)")
-                print("| case | images | first | update | real | fwd+G | 2nd order | DSA | render | opt | other "
-                      "| GFLOP | GFLOP/s | eff | real eff | outer eff |")
-                print("|---" * 16 + "|")
+                print("| case | images | first | update | first / update | real | real batched | fwd+G "
+                      "| 2nd order | DSA | render | opt | other | GFLOP | GFLOP/s | eff | real eff | outer eff |")
+                print("|---" * 18 + "|")
                 esp_header = True
             print(_esp_line(r), flush=True)
             if "hlo_outer_flops" in r:
