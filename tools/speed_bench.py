@@ -24,19 +24,12 @@ per class; XLA on or off; DSA on, losses proj+dm, the paper's defaults otherwise
       DSA    by ablation: the full step minus the same step with dsa=None;
       other  the full step minus the sum of the above (tracing-free host overhead, segment
              sums, the metrics; negative values are timing noise).
-  * FLOPs are counted analytically, convolutions and dense layers only (2 x multiply-adds, a
-    3x3 'same' conv counted over its full window), per image, from the Keras model's layers:
-    forward F; a training step F + dW (F) + dX (F minus the first layer); the ESP update
-      real: r*C x F_conv;  synthetic: B x [F + (2F - f0) + (4F - f0)] + B x F_conv when both loss
-      terms are on (ESPStep takes a second, first-order gradient for L_DM),
-    because reverse-over-reverse differentiates each forward conv (1 unit: its input gradient),
-    each input-gradient conv of the backward (1) and each weight-gradient conv w.r.t. both its
-    operands (2). Latent renders add their decoder convolutions (forward + both gradients).
-    Norms, activations, pooling, DSA and the projection (P x S) are not counted (memory-bound
-    and < 1 % of the FLOPs). The count of the "outer" function is cross-checked once against
-    XLA: the convolution and dot ops of its optimized HLO (`experimental_get_compiler_ir`,
-    stage 'optimized_hlo'), whose FLOPs are 2 x output elements x (kernel elements / output
-    features), are summed and printed beside the analytic count ("HLO check").
+  * FLOPs are counted analytically by `esp_tf.flops` (convolutions and dense layers; per
+    synthetic image F + G (2F - f0) + reverse-over-reverse (4F - f0) + L_DM's backward F_conv,
+    per real image F_conv; its docstring says why). The count of the "outer" function is
+    cross-checked once against XLA: `flops.hlo_flops` of its optimized HLO
+    (`experimental_get_compiler_ir(...)(stage='optimized_hlo')`, in the XLA-on IPC 1 latents
+    r64 case) is printed beside the analytic count ("HLO check").
   * Efficiency = FLOPs / time / matmul peak, the peak being the best of 5 timed float32
     2048x2048 tf.matmul calls measured in the same child just before its case.
 
@@ -56,7 +49,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -80,102 +72,6 @@ FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERT_IMAGES = 2560            # 10 batches of 256 per epoch, no remainder batch
 LAST = "ESP step FLOP efficiency: {x:.3f}; experts / keras fit: {y:.3f}"
-
-
-# -- FLOP counting ---------------------------------------------------------------------------
-
-def layer_flops(model) -> list[tuple[str, float]]:
-    """(layer name, forward FLOPs per image) of every Conv2D and Dense layer, in order."""
-    import keras
-    out = []
-    for layer in model.layers:
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
-            kernel = 1
-            for d in layer.kernel.shape:
-                kernel *= int(d)
-            spatial = 1
-            for d in layer.output.shape[1:-1]:
-                spatial *= int(d)
-            out.append((layer.name, 2.0 * spatial * kernel))
-    return out
-
-
-def network_flops(model) -> dict:
-    """Per-image FLOPs: forward F, F_conv (the embedding: convolutions only), f0 (first layer),
-    and a training step F + dW + dX (no input gradient of the first layer)."""
-    layers = layer_flops(model)
-    f = sum(v for _, v in layers)
-    f0 = layers[0][1]
-    f_conv = sum(v for name, v in layers if name != "classifier")
-    return {"forward": f, "forward_conv": f_conv, "first": f0, "train": 3 * f - f0}
-
-
-def render_flops(synthetic) -> float:
-    """FLOPs of rendering a LatentSynthetic and its backward (decoder convolutions x 3); 0 for pixels."""
-    if not hasattr(synthetic, "codes"):
-        return 0.0
-    n, hc, wc, k = (int(d) for d in synthetic.codes.shape)
-    h, w, ch = synthetic.image_shape
-    m = int(synthetic.conv1_w.shape[-1])
-    per_decoder = 2.0 * n * (hc * wc * 9 * k * m + h * w * 9 * m * ch)
-    return 3 * synthetic.num_decoders * per_decoder
-
-
-def esp_update_flops(net_flops: dict, syn_images: int, real_images: int, losses=("proj", "dm"),
-                     render: float = 0.0) -> dict:
-    """Analytic FLOPs of one ESP update (see the module docstring), by part."""
-    f, fc, f0 = net_flops["forward"], net_flops["forward_conv"], net_flops["first"]
-    outer = 0.0
-    if "proj" in losses:
-        outer += 4 * f - f0            # reverse over reverse through forward and backward
-    if "dm" in losses:
-        outer += fc                    # L_DM's own first-order backward through the convolutions
-    parts = {"real": real_images * fc if "dm" in losses else 0.0,
-             "fwd_g": syn_images * (f + 2 * f - f0),
-             "second_order": syn_images * outer,
-             "render": render}
-    parts["total"] = sum(parts.values())
-    return parts
-
-
-_HLO_DEF = re.compile(r"%([\w.\-]+) = (\w+)\[([\d,]*)\]")
-_HLO_CONV = re.compile(r"= \w+\[([\d,]*)\]\S* convolution\(([^)]*)\).*?dim_labels=(\w+)_(\w+)->(\w+)")
-_HLO_DOT = re.compile(r"= \w+\[([\d,]*)\]\S* dot\(([^)]*)\).*?lhs_contracting_dims=\{([\d,]*)\}")
-
-
-def hlo_flops(hlo_text: str) -> float:
-    """Convolution and dot FLOPs of an HLO module's text (2 x output elements x reduced size).
-
-    Counts each op once: a convolution inside a while loop (tf.map_fn) would be under-counted,
-    so this is used on loop-free functions only."""
-    shapes = {name: [int(d) for d in dims.split(",") if d] for name, _, dims in _HLO_DEF.findall(hlo_text)}
-
-    def prod(xs):
-        p = 1
-        for x in xs:
-            p *= x
-        return p
-
-    def operand_shapes(args):
-        names = re.findall(r"%([\w.\-]+)", args)
-        return [shapes[n] for n in names]
-
-    total = 0.0
-    for line in hlo_text.splitlines():
-        m = _HLO_CONV.search(line)
-        if m:
-            out = [int(d) for d in m.group(1).split(",") if d]
-            rhs = operand_shapes(m.group(2))[1]
-            o = m.group(4).index("o")          # the kernel's output-feature dimension
-            total += 2.0 * prod(out) * prod(rhs) / rhs[o]
-            continue
-        m = _HLO_DOT.search(line)
-        if m:
-            out = [int(d) for d in m.group(1).split(",") if d]
-            lhs = operand_shapes(m.group(2))[0]
-            contract = [int(d) for d in m.group(3).split(",") if d]
-            total += 2.0 * prod(out) * prod(lhs[d] for d in contract)
-    return total
 
 
 # -- the child: one case ---------------------------------------------------------------------
@@ -226,12 +122,13 @@ def _fake_real(c: int, hw: int, per_class: int):
 def _esp_case(case: dict) -> dict:
     import keras
     import tensorflow as tf
-    from esp_tf import augment, data as data_lib, models, subspace, synthetic as synthetic_lib
+    from esp_tf import data as data_lib, models, subspace, synthetic as synthetic_lib
+    from esp_tf.flops import esp_update_flops, hlo_flops, network_flops, render_flops
     from esp_tf.matching import apply_grads, build_optimizers, ordered_variables, real_class_means
     from esp_tf.methods import get as get_method
 
-    esp_mod = __import__("esp_tf.methods.esp", fromlist=["ESPStep"])
     method = get_method("esp")
+    esp_mod = sys.modules[method.__module__]          # its ESPStep and outer_loss
     c, hw, width, r, jit, warm = (case[k] for k in ("classes", "size", "width", "real_per_class", "jit", "warm"))
     shape = (hw, hw, 3)
     real = _fake_real(c, hw, max(300, r))
@@ -332,8 +229,8 @@ def _esp_case(case: dict) -> dict:
 def _expert_case(case: dict) -> dict:
     import keras
     import numpy as np
-    import tensorflow as tf
     from esp_tf import augment, data as data_lib, experts, models
+    from esp_tf.flops import network_flops
 
     c, hw, width, epochs = case["classes"], case["size"], case["width"], case["epochs"]
     n = case["images"]
@@ -470,6 +367,7 @@ def read_flagfile(path: str) -> dict:
 def config_flops(flagfile: dict) -> dict:
     """FLOPs of expert generation, condensation and the ESP set's evaluation for one paper flagfile."""
     from esp_tf import models, synthetic as synthetic_lib
+    from esp_tf.flops import esp_update_flops, network_flops, render_flops
     n_train, n_test, shape, c = DATASETS[flagfile["dataset"]]
     model = models.build(flagfile.get("model", "convnet3"), shape, c, depth=int(flagfile.get("depth", 3)))
     net = network_flops(model)
