@@ -1,6 +1,8 @@
 """GPU-ready by construction: every compiled hot step (ESP, DM, TM, expert SGD) stays inside the
 graph (no Python callbacks, so no host round-trip per update), traces once for fixed shapes,
-and compiles with XLA (--jit_compile) to the same update as without it."""
+and every registered method compiles with XLA (--jit_compile) to the same update as without it.
+(`.numpy()` or `float()` on a tensor inside a tf.function fails at tracing, so a step that
+traces is free of them; what can still reach the host is a py_function, checked below.)"""
 
 import keras
 import numpy as np
@@ -8,9 +10,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import fake_real, tiny_net
-from esp_tf import augment, data as data_lib, experts, subspace
+from esp_tf import augment, data as data_lib, experts, methods, subspace
 from esp_tf.methods import dm, esp, tm
-from esp_tf.synthetic import PixelSynthetic
+from esp_tf.methods.base import Context
+from esp_tf.synthetic import LatentSynthetic, PixelSynthetic
 
 C, IPC, HW = 3, 2, 8
 # Graph ops that call back into the Python interpreter: each would stop a GPU step on the host.
@@ -29,7 +32,9 @@ def _net():
     return tiny_net(HW, 1, C)
 
 
-def _synthetic():
+def _synthetic(param="pixels"):
+    if param == "latents":
+        return LatentSynthetic(C, 1, (HW, HW, 1), init="gaussian", num_decoders=2, hidden=2, seed=0)
     return PixelSynthetic(C, IPC, (HW, HW, 1), init="gaussian", seed=0)
 
 
@@ -37,9 +42,10 @@ def _sampler():
     return data_lib.ClassBalancedSampler(fake_real(C, HW, 1, 6))
 
 
-def _esp(jit):
-    net, syn = _net(), _synthetic()
-    step = esp.ESPStep(net, syn, {"pixels": keras.optimizers.SGD(0.1)}, _sampler(),
+def _esp(jit, param="pixels"):
+    net, syn = _net(), _synthetic(param)
+    opts = {name: keras.optimizers.SGD(0.1) for name in syn.variable_groups()}
+    step = esp.ESPStep(net, syn, opts, _sampler(),
                        esp.ESPConfig(real_per_class=3, beta=1e-2), jit_compile=jit)
     theta = net.init([0, 0])
     basis = subspace.basis(tf.stack([theta + 0.01 * tf.random.stateless_normal(theta.shape, [i, 1])
@@ -49,9 +55,9 @@ def _esp(jit):
     return step, syn, call, concrete
 
 
-def _dm(jit):
-    net, syn = _net(), _synthetic()
-    step = dm.DMStep(net, syn, {"pixels": keras.optimizers.SGD(1.0)}, _sampler(),
+def _dm(jit, param="pixels"):
+    net, syn = _net(), _synthetic(param)
+    step = dm.DMStep(net, syn, {name: keras.optimizers.SGD(1.0) for name in syn.variable_groups()}, _sampler(),
                             dm.DMConfig(real_per_class=3), jit_compile=jit)
     call = lambda n: step([0, n])                                                  # noqa: E731
     concrete = lambda: step._compiled.get_concrete_function(  # noqa: E731
@@ -59,9 +65,10 @@ def _dm(jit):
     return step, syn, call, concrete
 
 
-def _tm(jit):
-    net, syn = _net(), _synthetic()
-    step = tm.TMStep(net, syn, {"pixels": keras.optimizers.SGD(10.0), "lr": keras.optimizers.SGD(1e-5)},
+def _tm(jit, param="pixels"):
+    net, syn = _net(), _synthetic(param)
+    opts = {**{name: keras.optimizers.SGD(10.0) for name in syn.variable_groups()}, "lr": keras.optimizers.SGD(1e-5)}
+    step = tm.TMStep(net, syn, opts,
                             config=tm.TMConfig(inner_steps=2), jit_compile=jit)
     start = net.init([0, 0])
     target = start + 0.01
@@ -73,9 +80,13 @@ def _tm(jit):
 METHODS = {"esp": _esp, "dm": _dm, "tm": _tm}
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_compiled_condensation_step_has_no_host_callback_and_traces_once(method):
-    step, _, call, concrete = METHODS[method](jit=False)
+def test_every_registered_method_has_its_compiled_step_checked_here():
+    assert set(METHODS) == set(methods.NAMES), "add the new method's step to METHODS"
+
+
+@pytest.mark.parametrize("method,param", [(m, "pixels") for m in METHODS] + [("esp", "latents")])
+def test_compiled_condensation_step_has_no_host_callback_and_traces_once(method, param):
+    step, _, call, concrete = METHODS[method](jit=False, param=param)
     for n in range(3):                      # new seeds and new variable values, same shapes
         call(n)
     assert step.trace_count == 1
@@ -84,13 +95,38 @@ def test_compiled_condensation_step_has_no_host_callback_and_traces_once(method)
     assert step.trace_count == 1            # asking for the concrete function did not retrace
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_jit_compiled_condensation_step_gives_the_same_update(method):
-    _, plain_syn, plain_call, _ = METHODS[method](jit=False)
-    _, xla_syn, xla_call, _ = METHODS[method](jit=True)
-    plain, xla = plain_call(0), xla_call(0)
-    np.testing.assert_allclose(float(xla["loss"]), float(plain["loss"]), rtol=1e-4)
-    np.testing.assert_allclose(xla_syn.images.numpy(), plain_syn.images.numpy(), rtol=1e-3, atol=1e-5)
+# tiny settings per method (others run with their Config defaults); pixel lrs that move the set
+_TINY = {"esp": dict(inner_steps=1, real_per_class=3, beta=1e-2), "dm": dict(real_per_class=3),
+         "tm": dict(inner_steps=2)}
+_PIXELS_LR = {"esp": 0.1, "dm": 1.0, "tm": 10.0}
+
+
+def _method(name, jit):
+    """Registered method `name` on a tiny set, built as the condensation loop builds it (Context
+    with jit_compile), so that --jit_compile is tested for every method without naming its step."""
+    cls = methods.get(name)
+    config = cls.Config(**_TINY.get(name, {}))
+    net, syn = _net(), _synthetic()
+    opts = {"pixels": cls.pixel_optimizer(_PIXELS_LR.get(name, cls.default_lr_pixels)),
+            **cls.extra_optimizers(config)}
+    trajs = None
+    if cls.needs_trajectories:
+        trajs = np.stack([np.stack([net.init([k, e]).numpy() for e in range(3)]) for k in range(2)])
+    context = Context(net=net, synthetic=syn, optimizers=opts, sampler=_sampler(), trajectories=trajs,
+                      segment_length=1, max_start_epoch=2, seed=0, jit_compile=jit)
+    return cls(context, config), syn
+
+
+@pytest.mark.parametrize("method", methods.NAMES)
+def test_jit_compile_gives_the_same_update_for_every_registered_method(method):
+    (plain, plain_syn), (xla, xla_syn) = _method(method, jit=False), _method(method, jit=True)
+    start = plain_syn.images.numpy()
+    plain_metrics, _ = plain.iteration(0, lambda: None)
+    xla_metrics, _ = xla.iteration(0, lambda: None)
+    np.testing.assert_allclose(float(xla_metrics[-1]["loss"]), float(plain_metrics[-1]["loss"]), rtol=1e-4)
+    moved = plain_syn.images.numpy() - start
+    assert np.abs(moved).max() > 1e-4                       # the update moved the set
+    np.testing.assert_allclose(xla_syn.images.numpy() - start, moved, rtol=1e-2, atol=1e-3 * np.abs(moved).max())
 
 
 def test_expert_sgd_step_has_no_host_callback_and_traces_once():

@@ -72,3 +72,37 @@ def test_compare_tool_reports_validation_beside_test_and_marks_runs_without_one(
     assert "| validation (%) | test (%) |" in compare.HEADER
     assert rows == ["| beta_x | esp | convnet3 | 48.50 +- 0.50 | 51.00 +- 1.00 | 2 |",
                     "| random | random | convnet3 | - | 15.00 +- 0.00 | 1 |"]
+
+
+def test_speed_bench_quick_run_ends_with_finite_positive_efficiency_and_throughput_ratio(tmp_path):
+    import math
+    import re
+    from conftest import run_python
+    out = run_python([REPO / "tools" / "speed_bench.py", "--quick", f"--out={tmp_path / 'speed.json'}"],
+                     check=True)
+    last = out.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"ESP step FLOP efficiency: (\S+); experts / keras fit: (\S+)", last)
+    assert m, last
+    x, y = float(m.group(1)), float(m.group(2))
+    assert math.isfinite(x) and math.isfinite(y) and x > 0 and y > 0, last
+    rows = json.loads((tmp_path / "speed.json").read_text())
+    assert {r["name"] for r in rows} == {"latents1_r4", "experts_nodsa", "keras_fit"}
+    assert all(r["peak"] > 0 for r in rows)
+
+
+
+def test_speed_bench_costs_every_paper_config_from_a_runs_rates(tmp_path, capsys):
+    bench = _tool("speed_bench")
+    results = tmp_path / "speed.json"
+    results.write_text(json.dumps([
+        {"name": "latents1_r256", "headline": True, "flops": {"total": 2e11}, "update": 2.0},
+        {"name": "experts_dsa", "size": 32, "img_per_s": 100.0, "train_flops_per_image": 1e9}]))
+    bench.print_costs(str(results), str(REPO / "configs"))
+    lines = capsys.readouterr().out.splitlines()
+    assert "ESP update 100.0 GFLOP/s" in lines[0] and "expert training with DSA 100.0 GFLOP/s" in lines[0]
+    rows = {line.split(" | ")[0][2:]: line for line in lines[3:]}
+    assert set(rows) == set(bench.PAPER_CONFIGS)
+    c10 = bench.config_flops(bench.read_flagfile(str(REPO / "configs" / "cifar10.flags")))
+    assert c10["images"] == 120                                     # 3 codes x 4 decoders x 10 classes
+    # 5,000 iterations x 50 updates at 100 GFLOP/s
+    assert rows["cifar10"].split(" | ")[7] == f"{c10['condense'] / 1e11 / 3600:,.0f}"
