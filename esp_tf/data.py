@@ -222,6 +222,34 @@ def _download_and_prepare(name: str, data_dir: str):
         tfds.disable_progress_bar()
 
 
+def _prepare_embedded(name: str, data_dir: str):
+    """Prepares the embedded dataset in data_dir under an exclusive file lock: processes started
+    together on a fresh machine (e.g. the workers of a cluster run) would otherwise race, and
+    TFDS fails in the loser ("Cannot rename ... already exists"). Whoever gets the lock second
+    finds the data prepared and reads it."""
+    import fcntl
+    import tensorflow_datasets as tfds
+    remote = "://" in data_dir                   # a bucket has no file locks: prepare unguarded
+    if not remote:
+        os.makedirs(data_dir, exist_ok=True)
+    with (contextlib.nullcontext() if remote else
+          open(os.path.join(data_dir, f".{name.split('/')[0].split(':')[0]}.prepare.lock"), "a")) as lock:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+            if not builder.is_prepared():
+                logging.warning("preparing the embedded dataset %s in %s (from the package; no download)",
+                                name, builder.data_dir)
+                with contextlib.redirect_stdout(io.StringIO()):   # TFDS prints "Downloading and preparing"
+                    builder.download_and_prepare(
+                        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+            return tfds.builder(name, data_dir=data_dir)
+        finally:
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _get_builder(name: str, data_dir: str, embedded: bool):
     import tensorflow_datasets as tfds  # late import: slow, and only needed when loading
 
@@ -230,11 +258,7 @@ def _get_builder(name: str, data_dir: str, embedded: bool):
     try:
         builder = tfds.builder(name, data_dir=data_dir)
         if embedded and not builder.is_prepared():
-            logging.warning("preparing the embedded dataset %s in %s (from the package; no download)",
-                            name, builder.data_dir)
-            with contextlib.redirect_stdout(io.StringIO()):   # TFDS prints "Downloading and preparing"
-                builder.download_and_prepare(
-                    download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+            builder = _prepare_embedded(name, data_dir)
         elif not builder.is_prepared():
             raise _not_found(name, data_dir, f"no prepared data in {builder.data_dir!r}")
     # TFDS raises its own DatasetNotFoundError for unknown names, AssertionError for missing

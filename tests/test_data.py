@@ -307,3 +307,17 @@ def test_validation_split_is_class_balanced_disjoint_from_train_and_fixed(mini, 
     assert len(mini.val_labels) == 0 and data.val_dataset(mini) is None
     with pytest.raises(ValueError, match="val_per_class"):
         data.load("fashion_mnist_mini", mini_dir, val_per_class=300)  # 300 per class: none left
+
+
+def test_processes_started_together_on_a_fresh_machine_all_get_the_embedded_dataset(tmp_path):
+    """Cluster workers start at once; preparing the embedded set must not fail in all but one
+    (TFDS alone fails the loser with 'Cannot rename ... already exists')."""
+    import subprocess
+    import sys
+    code = ("from esp_tf import data; d = data.load('fashion_mnist_mini', %r); "
+            "print('ok', len(d.train_labels))" % str(tmp_path / "tfds"))
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and out.startswith("ok 3000"), err[-2000:]
