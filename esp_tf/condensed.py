@@ -44,9 +44,7 @@ class CondensedSet:
             return self.images
         from esp_tf import data as data_lib
         if whitening is not None:
-            import types
-            return data_lib.to_model(types.SimpleNamespace(mean=mean, std=std, whitening=whitening),
-                                     self.pixels).numpy()
+            return data_lib.to_model(data_lib.preprocessing(mean, std, whitening), self.pixels).numpy()
         return data_lib.normalize(self.pixels, mean, std).numpy()
 
     def load_source(self, data_dir: str | None):

@@ -409,6 +409,21 @@ def normalize(images, mean, std) -> tf.Tensor:
     return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
+def preprocessing(mean, std, whitening=None):
+    """What :func:`to_model` / :func:`to_pixel_values` read of a dataset (its per-channel
+    statistics and ZCA), for callers that hold those without a RealData (SavedModels, sets
+    read back for scoring)."""
+    import types
+    return types.SimpleNamespace(mean=np.asarray(mean, np.float32), std=np.asarray(std, np.float32),
+                                 whitening=whitening)
+
+
+def to_model_array(data: RealData, images, chunk: int = 4096) -> np.ndarray:
+    """:func:`to_model` of a whole uint8 array as numpy, converted `chunk` images at a time (a
+    whitened CIFAR-10 train split is one 45,000 x 3,072 product otherwise)."""
+    return np.concatenate([to_model(data, images[i:i + chunk]).numpy() for i in range(0, len(images), chunk)])
+
+
 def to_model(data: RealData, images) -> tf.Tensor:
     """uint8 (or float 0..255) pixels [N, H, W, C] -> the network's float32 inputs for `data`:
     :func:`normalize` with its per-channel statistics, or its ZCA whitening when it has one."""
@@ -426,7 +441,7 @@ def to_pixel_values(data: RealData, x) -> tf.Tensor:
     w = data.whitening
     x = tf.cast(x, tf.float32)
     if w is None:
-        return (x * tf.constant(data.std, tf.float32) + tf.constant(data.mean, tf.float32)) * 255.0
+        return _unnormalize(x, data.mean, data.std)
     shape = tf.shape(x)
     flat = tf.matmul(tf.reshape(x, [shape[0], -1]), tf.constant(w.inverse)) + tf.constant(w.mean)
     return tf.reshape(flat, shape) * 255.0
@@ -434,7 +449,7 @@ def to_pixel_values(data: RealData, x) -> tf.Tensor:
 
 def to_pixels(data: RealData, x) -> tf.Tensor:
     """Inverse of :func:`to_model`: network inputs -> uint8 pixels, rounded and clipped."""
-    return tf.cast(tf.clip_by_value(tf.round(to_pixel_values(data, x)), 0.0, 255.0), tf.uint8)
+    return _to_uint8(to_pixel_values(data, x))
 
 
 def stratified_subset(labels, size: int) -> np.ndarray:
@@ -463,9 +478,16 @@ def fraction_outside_pixel_range(images, data: RealData) -> float:
 
 def denormalize(x, mean, std) -> tf.Tensor:
     """Inverse of :func:`normalize`: float32 normalised -> uint8, rounded and clipped to 0..255."""
-    pixels = (tf.cast(x, tf.float32) * tf.constant(std, tf.float32)
-              + tf.constant(mean, tf.float32)) * 255.0
-    return tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
+    return _to_uint8(_unnormalize(x, mean, std))
+
+
+def _unnormalize(x, mean, std) -> tf.Tensor:
+    """Float pixel values 0..255 of per-channel normalised `x` (unrounded, unclipped)."""
+    return (tf.cast(x, tf.float32) * tf.constant(std, tf.float32) + tf.constant(mean, tf.float32)) * 255.0
+
+
+def _to_uint8(values) -> tf.Tensor:
+    return tf.cast(tf.clip_by_value(tf.round(values), 0.0, 255.0), tf.uint8)
 
 
 class ClassBalancedSampler:
@@ -488,9 +510,7 @@ class ClassBalancedSampler:
         if data.whitening is None:
             self._images = tf.constant(data.train_images)  # uint8, class-sorted; normalised per draw
         else:   # whitened once here: per draw, the D x D product would add ~20 % to a DM forward
-            self._images = tf.constant(np.concatenate(
-                [to_model(data, data.train_images[i:i + 4096]).numpy()
-                 for i in range(0, len(data.train_images), 4096)]))
+            self._images = tf.constant(to_model_array(data, data.train_images))
         self._counts = tf.constant(counts, tf.int32)
         self._offsets = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]), tf.int32)
         self._max_count = int(counts.max())

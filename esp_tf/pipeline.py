@@ -287,8 +287,7 @@ def phase_evaluate(s, real, net, store, images, labels):
     import tensorflow as tf
     from esp_tf import data as data_lib, evaluate, saved_models
     config = cli.eval_config(s)
-    test_x = np.concatenate([data_lib.to_model(real, real.test_images[i:i + 4096]).numpy()
-                             for i in range(0, len(real.test_images), 4096)])
+    test_x = data_lib.to_model_array(real, real.test_images)
     val = data_lib.val_dataset(real)
     results = wd.read_json(_path(s, "eval.json")) or {}
     sets = {s.method: (images, labels), **_baseline_sets(s, real, net, store)}

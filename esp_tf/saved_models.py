@@ -9,18 +9,9 @@
 """
 from __future__ import annotations
 
-import types
-
-import numpy as np
 import tensorflow as tf
 
-from esp_tf import fs
-
-
-def _preprocessing(mean, std, whitening):
-    """What `data.to_model` / `data.to_pixel_values` read of a dataset: its statistics and ZCA."""
-    return types.SimpleNamespace(mean=np.asarray(mean, np.float32), std=np.asarray(std, np.float32),
-                                 whitening=whitening)
+from esp_tf import data as data_lib, fs
 
 
 def _write_atomic(module: tf.Module, path: str, signatures: dict) -> str:
@@ -49,14 +40,12 @@ class _Generator(tf.Module):
     def __init__(self, synthetic, mean, std, whitening=None):
         super().__init__(name="esp_generator")
         self.synthetic = synthetic                           # tracks its variables
-        self._prep = _preprocessing(mean, std, whitening)
+        self._prep = data_lib.preprocessing(mean, std, whitening)
 
     @tf.function(input_signature=[])
     def render(self):
-        from esp_tf import data as data_lib
         images, labels = self.synthetic.render()                            # [N,H,W,C], [N]
-        pixels = tf.clip_by_value(tf.round(data_lib.to_pixel_values(self._prep, images)), 0, 255)
-        return {"images": images, "images_uint8": tf.cast(pixels, tf.uint8), "labels": labels}
+        return {"images": images, "images_uint8": data_lib.to_pixels(self._prep, images), "labels": labels}
 
 
 def export_generator(synthetic, mean, std, path: str, whitening=None) -> str:
@@ -70,12 +59,11 @@ class _Classifier(tf.Module):
     def __init__(self, model, mean, std, whitening=None):
         super().__init__(name="esp_classifier")
         self.model = model
-        self._prep = _preprocessing(mean, std, whitening)
+        self._prep = data_lib.preprocessing(mean, std, whitening)
         shape = [None, *model.input_shape[1:]]
         self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec(shape, tf.uint8)])
 
     def _serve(self, images):
-        from esp_tf import data as data_lib
         logits = self.model(data_lib.to_model(self._prep, images), training=False)
         return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
 
