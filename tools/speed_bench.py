@@ -63,7 +63,8 @@ flags.DEFINE_bool("quick", False, "A tiny version (16x16 images, width 8, childr
                   "measures nothing.")
 flags.DEFINE_integer("warm", 3, "Warm calls timed per ESP case and part.")
 flags.DEFINE_integer("epochs", 4, "Epochs per expert case (the first one traces).")
-flags.DEFINE_list("only", [], "Run only the cases whose names contain one of these strings.")
+flags.DEFINE_list("only", [], "Run only the cases whose names contain one of these strings "
+                  "(a trailing $ asks for that exact name: latents1_r64$).")
 flags.DEFINE_string("out", "speed_bench.json", "JSON file for every number of the run.")
 flags.DEFINE_bool("costs", False, "Print the paper-config cost table from --results, run nothing.")
 flags.DEFINE_string("results", "speed_bench.json", "--costs: the JSON of a previous full run.")
@@ -434,7 +435,8 @@ def main(argv):
     if FLAGS.costs:
         print_costs(FLAGS.results, FLAGS.configs or os.path.join(REPO, "configs"))
         return
-    cases = [c for c in _cases(FLAGS.quick) if not FLAGS.only or any(s in c["name"] for s in FLAGS.only)]
+    match = lambda s, name: s[:-1] == name if s.endswith("$") else s in name     # noqa: E731
+    cases = [c for c in _cases(FLAGS.quick) if not FLAGS.only or any(match(s, c["name"]) for s in FLAGS.only)]
     rows, t_start = [], time.time()
     esp_header = False
     for r in _results(cases, parallel=FLAGS.quick):
