@@ -91,6 +91,16 @@ def test_speed_bench_quick_run_ends_with_finite_positive_efficiency_and_throughp
 
 
 
+def test_speed_bench_only_selects_by_substring_or_by_exact_name_with_a_dollar():
+    bench = _tool("speed_bench")
+    cases = [{"name": n} for n in ("latents1_r64", "latents1_r64_xla", "pixels10_r64", "keras_fit")]
+    names = lambda only: [c["name"] for c in bench.select(cases, only)]        # noqa: E731
+    assert names([]) == ["latents1_r64", "latents1_r64_xla", "pixels10_r64", "keras_fit"]
+    assert names(["latents1_r64"]) == ["latents1_r64", "latents1_r64_xla"]
+    assert names(["latents1_r64$"]) == ["latents1_r64"]
+    assert names(["r64$", "keras"]) == ["keras_fit"]
+
+
 def test_speed_bench_costs_every_paper_config_from_a_runs_rates(tmp_path, capsys):
     bench = _tool("speed_bench")
     results = tmp_path / "speed.json"

@@ -304,6 +304,14 @@ def _cases(quick: bool) -> list[dict]:
                   {**ex, "name": "keras_fit_xla", "kind": "keras_fit", "jit": True}]
 
 
+def select(cases: list[dict], only: list[str]) -> list[dict]:
+    """The cases --only asks for: names containing one of its strings, or equal to one that
+    ends in $ (latents1_r64$ without latents1_r64_xla); every case when it is empty."""
+    def wanted(name: str) -> bool:
+        return any(s[:-1] == name if s.endswith("$") else s in name for s in only)
+    return [c for c in cases if not only or wanted(c["name"])]
+
+
 def _start_child(case: dict):
     cmd = [sys.executable, os.path.abspath(__file__), "--case=" + json.dumps(case)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -435,8 +443,7 @@ def main(argv):
     if FLAGS.costs:
         print_costs(FLAGS.results, FLAGS.configs or os.path.join(REPO, "configs"))
         return
-    match = lambda s, name: s[:-1] == name if s.endswith("$") else s in name     # noqa: E731
-    cases = [c for c in _cases(FLAGS.quick) if not FLAGS.only or any(match(s, c["name"]) for s in FLAGS.only)]
+    cases = select(_cases(FLAGS.quick), FLAGS.only)
     rows, t_start = [], time.time()
     esp_header = False
     for r in _results(cases, parallel=FLAGS.quick):
