@@ -101,6 +101,15 @@ def test_speed_bench_only_selects_by_substring_or_by_exact_name_with_a_dollar():
     assert names(["r64$", "keras"]) == ["keras_fit"]
 
 
+def test_speed_bench_only_matching_nothing_is_one_line_naming_the_cases(tmp_path):
+    from conftest import run_python
+    out = run_python([REPO / "tools" / "speed_bench.py", "--quick", "--only=nonesuch$",
+                      f"--out={tmp_path / 'speed.json'}"])
+    assert out.returncode != 0
+    assert "--only=nonesuch$ matches no case; the cases are: latents1_r4, experts_nodsa, keras_fit" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "speed.json").exists()
+
+
 def test_speed_bench_costs_every_paper_config_from_a_runs_rates(tmp_path, capsys):
     bench = _tool("speed_bench")
     results = tmp_path / "speed.json"

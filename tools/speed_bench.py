@@ -444,6 +444,9 @@ def main(argv):
         print_costs(FLAGS.results, FLAGS.configs or os.path.join(REPO, "configs"))
         return
     cases = select(_cases(FLAGS.quick), FLAGS.only)
+    if not cases:
+        sys.exit(f"--only={','.join(FLAGS.only)} matches no case; the cases are: "
+                 + ", ".join(c["name"] for c in _cases(FLAGS.quick)))
     rows, t_start = [], time.time()
     esp_header = False
     for r in _results(cases, parallel=FLAGS.quick):
