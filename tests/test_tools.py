@@ -17,9 +17,9 @@ def _tool(name):
     return module
 
 
-def _finished_run(path, method="esp", val=True):
+def _finished_run(path, method="esp", val=True, experts=2):
     path.mkdir()
-    (path / "flags.txt").write_text(f"--method={method}\n--param=latents\n")
+    (path / "flags.txt").write_text(f"--method={method}\n--param=latents\n--num_experts={experts}\n")
     rows = [{"iteration": 2, "updates": 50, "seconds_per_update": 2.0},
             {"iteration": 4, "updates": 100, "seconds_per_update": 3.0}]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -38,6 +38,18 @@ def test_fidelity_curve_reads_updates_wall_clock_and_both_accuracies(tmp_path):
     dm = curve.run_point(_finished_run(tmp_path / "b", method="dm", val=False))
     assert dm["method"] == "dm" and dm["val"] is None
     curve.plot([point, dm], str(tmp_path / "curve.png"))
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fidelity_curve_keeps_runs_on_more_experts_in_their_own_series(tmp_path):
+    curve = _tool("fidelity_curve")
+    two = curve.run_point(_finished_run(tmp_path / "two"))
+    eight = curve.run_point(_finished_run(tmp_path / "eight", experts=8))
+    dm = curve.run_point(_finished_run(tmp_path / "dm", method="dm", experts=8))   # DM uses no experts
+    assert (two["experts"], eight["experts"], dm["experts"]) == (2, 8, None)
+    assert [curve.series(p) for p in (two, eight, dm)] == ["esp, 2 experts", "esp, 8 experts", "dm"]
+    assert curve.series({"method": "esp"}) == "esp"          # a point recorded before experts were
+    curve.plot([two, eight, dm], str(tmp_path / "curve.png"))
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

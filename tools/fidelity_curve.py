@@ -8,8 +8,9 @@ Each argument is a workdir of `esp_tf.train` (flags.txt, metrics.jsonl, eval.jso
 one this reads the method, the synthetic updates made, the condensation wall-clock (the sum of
 `seconds_per_update` over the logged updates) and the evaluation accuracy (validation where the
 run held out --val_per_class, and test), prints one Markdown row per run, and plots accuracy
-against updates and against seconds, one series per method (ESP, DM, TM). Baselines evaluated
-beside a run (random, herding) are not plotted.
+against updates and against seconds, one series per method (ESP, DM, TM) and number of expert trajectories
+(flags.txt's --num_experts; a run of DM, which uses no experts, counts none). Baselines
+evaluated beside a run (random, herding) are not plotted.
 
 Workdirs do not outlive the machine they ran on, so a curve is built over sessions in a points
 file (--points, JSON): its points are printed and plotted with those of the workdirs given, and
@@ -62,7 +63,9 @@ def run_point(workdir: str, arch: str | None = None) -> dict:
             raise ValueError(f"{workdir}: several architectures ({', '.join(cells)}); pass --arch")
         arch = next(iter(cells))
     cell = cells[arch]
+    experts = int(run["num_experts"]) if method != "dm" and "num_experts" in run else None
     return {"workdir": workdir.rstrip("/"), "method": method, "param": run.get("param", "pixels"),
+            "experts": experts,
             "updates": last, "seconds": seconds, "arch": arch, "test": cell["mean"], "test_std": cell["std"],
             "val": cell.get("val_mean"), "val_std": cell.get("val_std"), "runs": len(cell["accuracies"])}
 
@@ -86,6 +89,12 @@ def record_points(path: str, new: list[dict], commit: str) -> list[dict]:
     return points
 
 
+def series(point: dict) -> str:
+    """The plot series and table label of a point: its method, and its experts where it used any."""
+    experts = point.get("experts")
+    return point["method"] if experts is None else f"{point['method']}, {experts} experts"
+
+
 def plot(points: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -95,13 +104,14 @@ def plot(points: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in ((axes[0], "updates", "synthetic updates"),
                            (axes[1], "seconds", "condensation wall-clock (s, this machine)")):
-        for method in sorted({p["method"] for p in points}):
-            pts = sorted((p for p in points if p["method"] == method), key=lambda p: p[key])
-            ax.errorbar([p[key] for p in pts], [p["test"] for p in pts], [p["test_std"] for p in pts],
-                        fmt="o-", capsize=3, label=f"{method} test")
+        for name in sorted({series(p) for p in points}):
+            pts = sorted((p for p in points if series(p) == name), key=lambda p: p[key])
+            line = ax.errorbar([p[key] for p in pts], [p["test"] for p in pts], [p["test_std"] for p in pts],
+                               fmt="o-", capsize=3, label=f"{name}: test")
             val = [p for p in pts if p["val"] is not None]
             if val:
-                ax.plot([p[key] for p in val], [p["val"] for p in val], "x--", label=f"{method} validation")
+                ax.plot([p[key] for p in val], [p["val"] for p in val], "x--", color=line[0].get_color(),
+                        label=f"{name}: validation")
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy (%)")
@@ -131,11 +141,12 @@ def main(argv):
     else:
         new_names = {os.path.basename(p["workdir"]) for p in new}
         points = [p for p in read_points(FLAGS.points) if p.get("name") not in new_names] + new
-    print("| run | method | param | updates | seconds | validation (%) | test (%) | runs | commit |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for p in sorted(points, key=lambda p: (p["method"], p["updates"])):
+    print("| run | method | experts | param | updates | seconds | validation (%) | test (%) | runs | commit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for p in sorted(points, key=lambda p: (p["method"], p.get("experts") or 0, p["updates"])):
         val = f"{p['val']:.2f} +- {p['val_std']:.2f}" if p["val"] is not None else "-"
-        print(f"| {os.path.basename(p['workdir'])} | {p['method']} | {p['param']} | {p['updates']} | "
+        experts = "-" if p.get("experts") is None else p["experts"]
+        print(f"| {os.path.basename(p['workdir'])} | {p['method']} | {experts} | {p['param']} | {p['updates']} | "
               f"{p['seconds']:.0f} | {val} | {p['test']:.2f} +- {p['test_std']:.2f} | {p['runs']} | "
               f"{p.get('commit', 'this checkout')} |")
     plot(points, FLAGS.out)
