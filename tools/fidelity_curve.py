@@ -9,7 +9,7 @@ one this reads the method, the synthetic updates made, the condensation wall-clo
 `seconds_per_update` over the logged updates) and the evaluation accuracy (validation where the
 run held out --val_per_class, and test), prints one Markdown row per run, and plots accuracy
 against updates and against seconds, one series per method (ESP, DM, TM) and number of expert trajectories
-(flags.txt's --num_experts; a run of DM, which uses no experts, counts none). Baselines
+(flags.txt's --num_experts; a method that reads no trajectories, DM, counts none). Baselines
 evaluated beside a run (random, herding) are not plotted.
 
 Workdirs do not outlive the machine they ran on, so a curve is built over sessions in a points
@@ -42,7 +42,7 @@ def define_flags():
 
 def run_point(workdir: str, arch: str | None = None) -> dict:
     """Compute and accuracy of one finished run (raises ValueError naming what is missing)."""
-    from esp_tf import workdir as wd
+    from esp_tf import methods, workdir as wd
     paths = {name: os.path.join(workdir, name) for name in ("flags.txt", "metrics.jsonl", "eval.json")}
     missing = [name for name, p in paths.items() if not os.path.exists(p)]
     if missing:
@@ -63,7 +63,8 @@ def run_point(workdir: str, arch: str | None = None) -> dict:
             raise ValueError(f"{workdir}: several architectures ({', '.join(cells)}); pass --arch")
         arch = next(iter(cells))
     cell = cells[arch]
-    experts = int(run["num_experts"]) if method != "dm" and "num_experts" in run else None
+    uses_experts = methods.get(method).needs_trajectories      # DM draws random networks instead
+    experts = int(run["num_experts"]) if uses_experts and "num_experts" in run else None
     return {"workdir": workdir.rstrip("/"), "method": method, "param": run.get("param", "pixels"),
             "experts": experts,
             "updates": last, "seconds": seconds, "arch": arch, "test": cell["mean"], "test_std": cell["std"],
@@ -90,7 +91,7 @@ def record_points(path: str, new: list[dict], commit: str) -> list[dict]:
 
 
 def series(point: dict) -> str:
-    """The plot series and table label of a point: its method, and its experts where it used any."""
+    """The plot series of a point: its method, and its experts where it used any."""
     experts = point.get("experts")
     return point["method"] if experts is None else f"{point['method']}, {experts} experts"
 
