@@ -75,12 +75,26 @@ flags.DEFINE_float("pixels_lr", None, "Learning rate of synthetic pixels; defaul
 flags.DEFINE_integer("syn_batch", None, "Method setting (esp, tm). Synthetic images per update (0 or "
                      "unset = all): esp takes a random "
                      "class-balanced slice (the paper's Figure 8 study); tm per unrolled step (MTT's batch_syn).")
+flags.DEFINE_integer("syn_chunk", None, "Method setting (esp, dm). The exact gradient over the whole "
+                     "synthetic set is computed in pieces of at most this many renders, so memory grows "
+                     "with the piece, not the set (esp_tf/chunks.py); 0: the whole set at once. Sets "
+                     "no larger than one piece cost nothing extra; larger ones about one more forward pass.")
 flags.DEFINE_float("student_lr_init", None, "Method setting (tm). Initial value of the learnable student lr (MTT's lr_teacher).")
 flags.DEFINE_float("student_lr_lr", None, "Method setting (tm). SGD lr of the learnable student lr (MTT's lr_lr).")
 flags.DEFINE_float("codes_lr", 0.1, "Adam lr of latent codes (paper 4.2; --param=latents).")
 flags.DEFINE_float("decoders_lr", 0.01, "Adam lr of the shared decoders (paper 4.2; --param=latents).")
 flags.DEFINE_integer("num_decoders", 4, "Shared decoders; images per class = codes x decoders (--param=latents).")
 flags.DEFINE_integer("latent_downsample", 2, "Latent codes are image size / this (--param=latents).")
+flags.DEFINE_integer("latent_channels", None, "Channels of a latent code; default: the image's "
+                     "(--param=latents; the first image-channels carry the real-image init).")
+flags.DEFINE_enum("decoder", "residual", ["residual", "transposed"], "Decoder architecture (--param="
+                  "latents; esp_tf/synthetic.py): residual (conv3x3 on the code, bilinear upsampling, "
+                  "conv3x3) or transposed (a learned upsampling by a transposed convolution, as KFS), "
+                  "each beside an identity-initialised linear skip.")
+flags.DEFINE_integer("decoder_hidden", 16, "Channels inside each decoder (--param=latents); the "
+                     "decoders' floats count against the budget.")
+flags.DEFINE_float("decoder_init", 0.1, "Scale of each decoder's residual branch at init, in "
+                   "normalised pixel units (--param=latents): how differently the decoders start.")
 flags.DEFINE_enum("lr_schedule", "linear", ["linear", "constant"], "Synthetic lr schedule (paper: linear decay).")
 flags.DEFINE_bool("dsa", True, "Differentiable Siamese augmentation during condensation.")
 flags.DEFINE_bool("clip_pixels", True, "Clip synthetic renders to the real pixel range 0..255 (valid "
@@ -198,9 +212,13 @@ def validate(s: Settings) -> list:
         errors.append(f"--phases: unknown {bad}; choose from {','.join(PHASES)}")
     for name in ("ipc", "iterations", "segment_length", "num_experts", "expert_epochs",
                  "eval_epochs", "eval_runs", "eval_batch", "ckpt_every", "log_every", "num_decoders",
-                 "latent_downsample"):
+                 "latent_downsample", "decoder_hidden"):
         if getattr(s, name) < 1:
             errors.append(f"--{name} must be >= 1, got {getattr(s, name)}")
+    if s.latent_channels is not None and s.latent_channels < 1:
+        errors.append(f"--latent_channels must be >= 1, got {s.latent_channels}")
+    if s.decoder_init < 0:
+        errors.append(f"--decoder_init must be >= 0, got {s.decoder_init}")
     if s.val_per_class < 0:
         errors.append(f"--val_per_class must be >= 0, got {s.val_per_class}")
     if s.zca and s.clip_pixels:
@@ -276,7 +294,9 @@ def condense_settings(s: Settings):
                             segment_length=s.segment_length, max_start_epoch=s.max_start_epoch,
                             param=s.param, pixels_lr=s.pixels_lr, codes_lr=s.codes_lr,
                             decoders_lr=s.decoders_lr, num_decoders=s.num_decoders,
-                            latent_downsample=s.latent_downsample, lr_schedule=s.lr_schedule,
+                            latent_downsample=s.latent_downsample, latent_channels=s.latent_channels,
+                            decoder=s.decoder, decoder_hidden=s.decoder_hidden,
+                            decoder_init=s.decoder_init, lr_schedule=s.lr_schedule,
                             clip_pixels=s.clip_pixels, range_map=s.range_map, seed=s.seed,
                             ckpt_every=s.ckpt_every, log_every=s.log_every, jit_compile=s.jit_compile)
 

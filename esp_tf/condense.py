@@ -44,6 +44,10 @@ class CondenseSettings:
     decoders_lr: float = 0.01        # Adam lr of the shared decoders (paper 4.2)
     num_decoders: int = 4            # latents: decoders shared by all classes
     latent_downsample: int = 2       # latents: codes are H/f x W/f
+    latent_channels: int | None = None   # latents: channels of a code (None: the image's)
+    decoder: str = "residual"        # latents: decoder architecture (synthetic.DECODERS)
+    decoder_hidden: int = 16         # latents: channels inside each decoder
+    decoder_init: float = 0.1        # latents: residual-branch output scale at init
     lr_schedule: str = "linear"      # linear decay to 0 over all updates (paper 4.2), or constant
     clip_pixels: bool = True         # renders kept inside the real pixel range [0, 255] (synthetic.py)
     range_map: str = "clip"          # ... by clipping, or "tanh": a smooth map that keeps every gradient

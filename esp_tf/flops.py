@@ -62,16 +62,9 @@ def network_flops(model, embedding_excludes: str = "classifier") -> dict:
 
 
 def render_flops(synthetic) -> float:
-    """FLOPs of rendering a `synthetic.LatentSynthetic` and its backward (its decoder convolutions:
-    forward and both gradients, 3 units); 0 for pixel sets. The decoders' bilinear upsampling
-    and 1x1 skip einsums are not counted."""
-    if not hasattr(synthetic, "codes"):
-        return 0.0
-    n, hc, wc, k = (int(d) for d in synthetic.codes.shape)
-    h, w, ch = synthetic.image_shape
-    m = int(synthetic.conv1_w.shape[-1])
-    per_decoder = 2.0 * n * (hc * wc * 9 * k * m + h * w * 9 * m * ch)
-    return 3 * synthetic.num_decoders * per_decoder
+    """FLOPs of rendering a `synthetic.LatentSynthetic` and its backward (its `render_flops`);
+    0 for pixel sets."""
+    return float(synthetic.render_flops()) if hasattr(synthetic, "render_flops") else 0.0
 
 
 def esp_update_flops(net: dict, syn_images: int, real_images: int, losses=("proj", "dm"),

@@ -131,6 +131,11 @@ class FlatModel:
             raise ValueError("feature model does not share the classifier's parameter order")
         self._both = both
 
+    @property
+    def feature_dim(self) -> int:
+        """D: the size of the embedding `features` returns."""
+        return int(self._both.outputs[0].shape[-1])
+
     # -- flat <-> structured ------------------------------------------------------------
     def unflatten(self, theta) -> list[tf.Tensor]:
         """theta [P] -> list of tensors shaped like the model's trainable variables."""

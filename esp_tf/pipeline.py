@@ -28,14 +28,16 @@ from esp_tf import cli, cluster, fs, workdir as wd
 # Flags that may change between runs sharing a workdir without invalidating its results: scheduling,
 # paths (a workdir is identified by its content, not by how a path is spelled; the expert store
 # checks its own metadata and recipe), and per-architecture / per-name evaluation and export
-# choices (eval.json holds one cell per method and architecture; exports are named).
-_RERUN_SAFE = {"phases", "log_every", "ckpt_every", "restart", "jit_compile", "data_dir", "experts_dir",
+# choices (eval.json holds one cell per method and architecture; exports are named), and how the
+# exact gradient is split into pieces (syn_chunk: the same gradient up to float rounding).
+_RERUN_SAFE = {"phases", "log_every", "ckpt_every", "restart", "jit_compile", "syn_chunk", "data_dir", "experts_dir",
                "workdir", "download", "verbose", "eval_arch", "baselines", "export_name",
                "worker_index", "num_workers", "strategy"}
 # Flags added after workdirs existed, with the value that reproduces what a run from before them
 # did: a flags.txt without the flag is compared as if it held that value. (dm_reduction: those
 # runs summed L_DM, so they resume only with --dm_reduction=sum, and the refusal names it.)
-_ADDED_FLAGS = {"val_per_class": "0", "dm_reduction": "sum", "range_map": "clip", "zca": "False"}
+_ADDED_FLAGS = {"val_per_class": "0", "dm_reduction": "sum", "range_map": "clip", "zca": "False",
+                "latent_channels": "", "decoder": "residual", "decoder_hidden": "16", "decoder_init": "0.1"}
 # Evaluation settings: changing them keeps the condensation, and moves aside the outputs they made.
 _EVAL_FLAGS = ("eval_epochs", "eval_runs", "eval_batch", "eval_lr", "eval_dsa")
 _EVAL_OUTPUTS = ("eval.json", os.path.join("saved_model", "classifier"), "tfds")

@@ -102,6 +102,19 @@ class PixelSynthetic(tf.Module):
         """All synthetic images [C*ipc, H, W, Ch] and their labels [C*ipc] (no slicing)."""
         return _clip(tf.identity(self.images), self._bounds), self.labels
 
+    # Rendering by units (chunks.py): a unit is the smallest piece of the set that renders on
+    # its own; rendering every unit in order, one after another, gives `render()`.
+    @property
+    def num_units(self) -> int:
+        """Stored images [C*ipc]; each renders one image."""
+        return self.num_classes * self.ipc
+
+    renders_per_unit = 1
+
+    def render_units(self, index) -> tuple[tf.Tensor, tf.Tensor]:
+        """The images of units `index` [k] (int32): [k, H, W, Ch] and their labels [k]."""
+        return _clip(tf.gather(self.images, index), self._bounds), tf.gather(self.labels, index)
+
     @property
     def num_parameters(self) -> int:
         """Stored floats: the condensed set's storage budget."""
@@ -162,8 +175,27 @@ def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
     return u
 
 
+# Decoder architectures of LatentSynthetic (--decoder); both add a residual branch to the same
+# identity-initialised linear skip  U(z S + s)  (U: bilinear x f upsampling):
+#   residual    conv3x3 (k -> m) on the code, SiLU, bilinear x f, conv3x3 (m -> Ch)
+#   transposed  transposed conv f x f, stride f (k -> m: a learned x f upsampling), SiLU,
+#               conv3x3 (m -> Ch)  (KFS builds its decoders from transposed convolutions)
+DECODERS = ("residual", "transposed")
+
+
+def decoder_size(decoder: str, k: int, ch: int, hidden: int, downsample: int) -> int:
+    """Stored floats of one decoder (weights and biases)."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    skip = k * ch + ch                                   # 1x1 skip map k -> Ch, weights + bias
+    out = 9 * hidden * ch + ch                           # conv3x3 at full resolution m -> Ch
+    taps = 9 if decoder == "residual" else downsample ** 2   # conv3x3, or the f x f transposed conv
+    return skip + taps * k * hidden + hidden + out
+
+
 def latent_plan(ipc: int, image_shape, num_classes: int, *, num_decoders: int = 4,
-                downsample: int = 2, code_channels: int | None = None, hidden: int = 16) -> dict:
+                downsample: int = 2, code_channels: int | None = None, hidden: int = 16,
+                decoder: str = "residual") -> dict:
     """How LatentSynthetic spends the budget of `ipc` images per class (pure arithmetic).
 
     Budget: ipc * H * W * Ch floats per class, i.e. C * ipc * H * W * Ch in total. Every
@@ -187,17 +219,15 @@ def latent_plan(ipc: int, image_shape, num_classes: int, *, num_decoders: int = 
                          "identity skip (and the real-image init) carries the first Ch code channels")
     code_shape = (h // downsample, w // downsample, k)
     code_size = int(np.prod(code_shape))
-    decoder_size = (k * ch + ch                 # 1x1 skip map    k -> Ch, weights + bias
-                    + 9 * k * hidden + hidden   # conv3x3 on codes k -> hidden
-                    + 9 * hidden * ch + ch)     # conv3x3 after upsampling hidden -> Ch
+    each = decoder_size(decoder, k, ch, hidden, downsample)
     per_class = ipc * h * w * ch
     total = num_classes * per_class
-    decoders = num_decoders * decoder_size
+    decoders = num_decoders * each
     n = (total - decoders) // (num_classes * code_size)
     if n < 1:
         raise ValueError(
             f"latent budget too small: IPC {ipc} of {h}x{w}x{ch} for {num_classes} classes allows "
-            f"{total} floats, but {num_decoders} decoders x {decoder_size} + one {code_shape} code per "
+            f"{total} floats, but {num_decoders} decoders x {each} + one {code_shape} code per "
             f"class need {decoders + num_classes * code_size}. Use fewer decoders (num_decoders), a "
             f"smaller decoder (hidden), a larger downsample or fewer code_channels, or param=pixels.")
     used = num_classes * n * code_size + decoders
@@ -211,7 +241,8 @@ def latent_plan(ipc: int, image_shape, num_classes: int, *, num_decoders: int = 
         "codes_per_class": int(n),
         "code_shape": code_shape,                             # (H/f, W/f, k)
         "num_decoders": num_decoders,
-        "decoder_params_each": decoder_size,
+        "decoder_params_each": each,
+        "decoder": decoder,
         "images_per_class": int(n) * num_decoders,            # every code x every decoder
         # codes come in whole (H/f x W/f x k) blocks, so up to one code per class stays unspent
         # (CIFAR-10 IPC 1: 2,662 of 3,072 floats used); stated here rather than hidden
@@ -260,6 +291,7 @@ class LatentSynthetic(tf.Module):
                  code_channels: int | None = None,   # k: None -> image channels Ch
                  hidden: int = 16,               # residual-branch width of each decoder
                  residual_init: float = 0.1,     # initial residual output scale (normalised units)
+                 decoder: str = "residual",      # residual-branch architecture (DECODERS)
                  seed: int = 0,
                  pixel_range=None,               # (lo, hi) per channel: renders are kept inside it
                  range_map: str = "clip",        # ... by clipping, or by a smooth tanh map
@@ -268,13 +300,16 @@ class LatentSynthetic(tf.Module):
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self._bounds = _pixel_range(pixel_range, int(image_shape[-1]), range_map)
+        if not np.isfinite(residual_init) or residual_init < 0:
+            raise ValueError(f"residual_init must be a finite number >= 0, got {residual_init}")
         self.design = dict(num_decoders=num_decoders, downsample=downsample,
-                           code_channels=code_channels, hidden=hidden)
+                           code_channels=code_channels, hidden=hidden, decoder=decoder)
         self._plan = latent_plan(ipc, image_shape, num_classes, **self.design)
         h, w, ch = (int(d) for d in image_shape)
         n, (hc, wc, k) = self._plan["codes_per_class"], self._plan["code_shape"]
         self.num_classes, self.ipc, self.image_shape = num_classes, ipc, (h, w, ch)
         self.num_decoders, self.codes_per_class = num_decoders, n
+        self.decoder, self.downsample = decoder, downsample
         uh, uw = bilinear_matrix(h, hc), bilinear_matrix(w, wc)          # [H, H/f], [W, W/f]
         self._uh, self._uw = tf.constant(uh, tf.float32), tf.constant(uw, tf.float32)
 
@@ -297,15 +332,22 @@ class LatentSynthetic(tf.Module):
         eye = np.eye(k, ch, dtype=np.float32)                                # first Ch channels
         self.skip_w = tf.Variable(np.tile(eye, (d, 1, 1)), name="skip_w")    # [D, k, Ch]
         self.skip_b = tf.Variable(tf.zeros((d, ch)), name="skip_b")          # [D, Ch]
-        he = np.sqrt(2.0 / (9 * k))                                          # He init, fan-in 9k
-        self.conv1_w = tf.Variable(he * tf.random.stateless_normal((d, 3, 3, k, m), s1),
-                                   name="conv1_w")                           # [D, 3, 3, k, m]
-        self.conv1_b = tf.Variable(tf.zeros((d, m)), name="conv1_b")         # [D, m]
+        if decoder == "residual":
+            he = np.sqrt(2.0 / (9 * k))                                      # He init, fan-in 9k
+            self.conv1_w = tf.Variable(he * tf.random.stateless_normal((d, 3, 3, k, m), s1),
+                                       name="conv1_w")                       # [D, 3, 3, k, m]
+            self.conv1_b = tf.Variable(tf.zeros((d, m)), name="conv1_b")     # [D, m]
+        else:      # transposed conv f x f, stride f: each output pixel reads one tap per channel
+            f = downsample
+            self.up_w = tf.Variable(np.sqrt(2.0 / k) * tf.random.stateless_normal((d, f, f, m, k), s1),
+                                    name="up_w")                             # [D, f, f, m, k]
+            self.up_b = tf.Variable(tf.zeros((d, m)), name="up_b")           # [D, m]
         small = residual_init / np.sqrt(9 * m)                               # residual ~ residual_init
         self.conv2_w = tf.Variable(small * tf.random.stateless_normal((d, 3, 3, m, ch), s2),
                                    name="conv2_w")                           # [D, 3, 3, m, Ch]
         self.conv2_b = tf.Variable(tf.zeros((d, ch)), name="conv2_b")        # [D, Ch]
         self.labels = tf.constant(np.repeat(np.arange(num_classes), n * d), tf.int32)  # [C*M]
+        self._code_labels = tf.constant(np.repeat(np.arange(num_classes), n), tf.int32)  # [C*n]
 
     @classmethod
     def codes_per_class_for(cls, ipc: int, image_shape, num_classes: int, **design) -> int:
@@ -321,15 +363,54 @@ class LatentSynthetic(tf.Module):
         """Decoder d applied to codes z [N, H/f, W/f, k] -> images [N, H, W, Ch]."""
         ch = self.image_shape[-1]
         skip = tf.einsum("nhwk,kc->nhwc", z, self.skip_w[d]) + self.skip_b[d]     # [N, h, w, Ch]
+        if self.decoder == "transposed":
+            h, w, _ = self.image_shape
+            m = self.up_w.shape[3]
+            a = tf.nn.conv2d_transpose(z, self.up_w[d], tf.stack([tf.shape(z)[0], h, w, m]),
+                                       self.downsample, "VALID") + self.up_b[d]    # [N, H, W, m]
+            res = tf.nn.conv2d(tf.nn.silu(a), self.conv2_w[d], 1, "SAME") + self.conv2_b[d]
+            return self._upsample(skip) + res
         a = tf.nn.conv2d(z, self.conv1_w[d], 1, "SAME") + self.conv1_b[d]          # [N, h, w, m]
         up = self._upsample(tf.concat([skip, tf.nn.silu(a)], -1))                  # [N, H, W, Ch+m]
         res = tf.nn.conv2d(up[..., ch:], self.conv2_w[d], 1, "SAME") + self.conv2_b[d]  # [N, H, W, Ch]
         return up[..., :ch] + res
 
+    def _decode_all(self, z) -> tf.Tensor:
+        """Every decoder on codes z [N, ...] -> [N*D, H, W, Ch], code-major, decoder fastest."""
+        x = tf.stack([self.decode(d, z) for d in range(self.num_decoders)], 1)    # [N, D, H, W, Ch]
+        return _clip(tf.reshape(x, (-1, *self.image_shape)), self._bounds)
+
     def render(self) -> tuple[tf.Tensor, tf.Tensor]:
         """All C*M images [C*M, H, W, Ch] (code x decoder, class-major) and labels [C*M]."""
-        x = tf.stack([self.decode(d, self.codes) for d in range(self.num_decoders)], 1)  # [C*n, D, H, W, Ch]
-        return _clip(tf.reshape(x, (-1, *self.image_shape)), self._bounds), self.labels
+        return self._decode_all(self.codes), self.labels
+
+    # Rendering by units (chunks.py): a unit is one code with its D renders; rendering every
+    # unit in order, one after another, gives `render()`.
+    @property
+    def num_units(self) -> int:
+        """Codes [C*n]; each renders D images."""
+        return self.num_classes * self.codes_per_class
+
+    @property
+    def renders_per_unit(self) -> int:
+        return self.num_decoders
+
+    def render_units(self, index) -> tuple[tf.Tensor, tf.Tensor]:
+        """The D renders of each code in `index` [k] (int32): [k*D, H, W, Ch] and labels [k*D]."""
+        labels = tf.repeat(tf.gather(self._code_labels, index), self.num_decoders)
+        return self._decode_all(tf.gather(self.codes, index)), labels
+
+    def render_flops(self) -> float:
+        """FLOPs of rendering every image and its backward (the decoders' convolutions: forward
+        and both gradients, 3 units). The bilinear upsampling and 1x1 skip einsums are not counted."""
+        n, hc, wc, k = (int(d) for d in self.codes.shape)
+        h, w, ch = self.image_shape
+        m = int(self.conv2_w.shape[-2])
+        if self.decoder == "transposed":
+            first = h * w * k * m                  # one tap per input channel and output pixel
+        else:
+            first = hc * wc * 9 * k * m
+        return 3 * self.num_decoders * 2.0 * n * (first + h * w * 9 * m * ch)
 
     @property
     def num_parameters(self) -> int:
@@ -347,22 +428,27 @@ class LatentSynthetic(tf.Module):
 
     def variable_groups(self) -> dict[str, list[tf.Variable]]:
         """Codes and decoders: the paper trains them with Adam at lr 0.1 and 0.01."""
+        first = ([self.conv1_w, self.conv1_b] if self.decoder == "residual" else [self.up_w, self.up_b])
         return {"codes": [self.codes],
-                "decoders": [self.skip_w, self.skip_b, self.conv1_w, self.conv1_b,
-                             self.conv2_w, self.conv2_b]}
+                "decoders": [self.skip_w, self.skip_b, *first, self.conv2_w, self.conv2_b]}
 
     # -- the parameterisation interface of the condensation loop (see PARAMETERISATIONS) --------
     @classmethod
     def real_images_needed(cls, s, image_shape, num_classes: int) -> int:
         """Distinct real images per class that init='real' takes: one per code."""
-        return cls.codes_per_class_for(s.ipc, image_shape, num_classes, num_decoders=s.num_decoders,
-                                       downsample=s.latent_downsample)
+        return cls.codes_per_class_for(s.ipc, image_shape, num_classes, **cls._design(s))
+
+    @staticmethod
+    def _design(s) -> dict:
+        """The design arguments of condensation settings `s` (condense.CondenseSettings)."""
+        return dict(num_decoders=s.num_decoders, downsample=s.latent_downsample,
+                    code_channels=s.latent_channels, hidden=s.decoder_hidden, decoder=s.decoder)
 
     @classmethod
     def from_settings(cls, s, num_classes: int, image_shape, real_images, pixel_range):
         return cls(num_classes, s.ipc, image_shape, init=s.init, real_images=real_images, seed=s.seed,
-                   pixel_range=pixel_range, range_map=s.range_map, num_decoders=s.num_decoders,
-                   downsample=s.latent_downsample)
+                   pixel_range=pixel_range, range_map=s.range_map, residual_init=s.decoder_init,
+                   **cls._design(s))
 
     @classmethod
     def learning_rates(cls, s, method) -> dict:

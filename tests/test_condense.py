@@ -76,6 +76,10 @@ def test_every_method_and_parameterisation_condenses_checkpoints_and_resumes(tmp
     (["--method=dm", "--real_per_class=9"], dict(method="dm", lr_pixels=1.0, real_per_class=9)),
     (["--param=latents", "--codes_lr=0.2", "--num_decoders=3", "--beta=0.5", "--losses=proj"],
      dict(method="esp", param="latents", lr_codes=0.2, num_decoders=3, beta=0.5, losses=("proj",))),
+    (["--param=latents", "--decoder=transposed", "--decoder_hidden=5", "--latent_channels=4",
+      "--decoder_init=0.5", "--syn_chunk=64"],
+     dict(decoder="transposed", decoder_hidden=5, latent_channels=4, decoder_init=0.5, chunk=64)),
+    (["--method=dm", "--syn_chunk=0"], dict(method="dm", chunk=0)),
 ])
 def test_condensation_flags_reach_the_settings(argv, expect):
     with flagsaver.flagsaver():
@@ -83,6 +87,8 @@ def test_condensation_flags_reach_the_settings(argv, expect):
         s = cli.condense_settings(cli.from_flags())
     lr_pixels = condense.make_optimizers(s).get("pixels")
     got = dict(method=s.method, param=s.param, lr_codes=s.codes_lr, num_decoders=s.num_decoders,
+               decoder=s.decoder, decoder_hidden=s.decoder_hidden, latent_channels=s.latent_channels,
+               decoder_init=s.decoder_init,
                lr_pixels=None if lr_pixels is None else float(lr_pixels.learning_rate),   # at update 0
                **dataclasses.asdict(s.method_config))
     for key, value in expect.items():

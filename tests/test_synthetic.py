@@ -22,7 +22,7 @@ TINY = dict(num_decoders=2, hidden=4)
 def _tiny(init="gaussian", seed=0, **kw):
     real = _smooth_images(C * LatentSynthetic.codes_per_class_for(IPC, (HW, HW, 1), C, **TINY),
                           HW, 1) if init == "real" else None
-    return LatentSynthetic(C, IPC, (HW, HW, 1), init=init, real_images=real, seed=seed, **TINY, **kw)
+    return LatentSynthetic(C, IPC, (HW, HW, 1), init=init, real_images=real, seed=seed, **{**TINY, **kw})
 
 
 def _smooth_images(n, size, ch, f=2, seed=0):
@@ -325,3 +325,59 @@ def test_tanh_range_map_renders_a_real_image_init_as_that_image():
     np.testing.assert_allclose(syn.render()[0].numpy(), real, atol=1.5e-3 * (hi - lo))
     with pytest.raises(ValueError, match="range_map"):
         PixelSynthetic(C, IPC, (HW, HW, 1), init="gaussian", pixel_range=(lo, hi), range_map="sigmoid")
+
+
+# -- decoder designs and unit rendering -------------------------------------------------------------
+DESIGNS = [dict(), dict(decoder="transposed"), dict(decoder="transposed", code_channels=2, hidden=3),
+           dict(code_channels=3, hidden=2, num_decoders=3)]
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_every_decoder_design_stores_exactly_its_planned_floats_within_the_budget(design):
+    syn = _tiny(**design)
+    b = syn.budget()
+    assert syn.num_parameters == b["params_total"] <= b["budget_total"]
+    assert b["decoder"] == design.get("decoder", "residual")
+    assert syn.codes.shape[-1] == design.get("code_channels", 1)
+    x, y = syn.render()
+    assert x.shape == (C * syn.images_per_class, HW, HW, 1)
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_rendering_every_unit_in_order_is_the_whole_render(design):
+    syn = _tiny(init="gaussian", seed=2, **design)
+    x, y = syn.render()
+    n = syn.num_units
+    parts = [syn.render_units(tf.constant(list(range(i, min(i + 2, n))))) for i in range(0, n, 2)]
+    np.testing.assert_allclose(np.concatenate([p[0].numpy() for p in parts]), x.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(np.concatenate([p[1].numpy() for p in parts]), y.numpy())
+    assert syn.num_units * syn.renders_per_unit == len(y)
+    pixels = PixelSynthetic(C, IPC, (HW, HW, 1), init="gaussian")
+    xu, yu = pixels.render_units(tf.range(pixels.num_units))
+    np.testing.assert_array_equal(xu.numpy(), pixels.render()[0].numpy())
+    np.testing.assert_array_equal(yu.numpy(), pixels.render()[1].numpy())
+
+
+def test_transposed_decoders_render_every_pair_once_and_pass_second_order_gradients():
+    syn = _tiny(decoder="transposed", seed=1)
+    d = syn.num_decoders
+    base = syn.render()[0].numpy()
+    syn.up_b[1].assign(syn.up_b[1] + 1.0)                 # decoder 1's transposed convolution only
+    np.testing.assert_array_equal(_changed(base, syn.render()[0].numpy()), np.arange(len(base))[1::d])
+    net = tiny_net(HW, 1, C, act="softplus")
+    theta = net.init([1, 2])
+    basis = subspace.basis(tf.stack([theta + 0.1 * tf.random.stateless_normal(theta.shape, [i, 9])
+                                     for i in range(3)]))
+    real_means = tf.zeros([C, net.feature_dim])
+    with tf.GradientTape() as tape:
+        x, y = syn.render()
+        loss, _ = esp.outer_loss(net, theta, basis, x, y, real_means,
+                                 esp.ESPConfig(beta=1.0, losses=("proj",), dsa=None))
+    for v, g in zip(_all_variables(syn), tape.gradient(loss, _all_variables(syn))):
+        assert g is not None and float(tf.norm(g)) > 0, v.name
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(decoder="mlp"), "decoder"), (dict(residual_init=-1.0), "residual_init")])
+def test_bad_decoder_settings_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _tiny(**kwargs)

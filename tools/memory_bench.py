@@ -3,6 +3,7 @@ r"""Peak memory of one synthetic update versus N (and IPC), ESP against MTT, all
     python tools/memory_bench.py                      # ESP, N = 10,20,40,80, CIFAR-10 shapes, IPC 10
     python tools/memory_bench.py --steps=10,80 --ipc=1
     python tools/memory_bench.py --methods=esp,tm --ipcs=1,10,50 --plot=memory.png
+    python tools/memory_bench.py --param=latents --ipc=10 --syn_chunks=default,0   # the whole set
 
 Each setting runs in a fresh child process (same allocator state for all). The child builds
 ConvNet-3 on random CIFAR-10-shaped data and traces the step WITHOUT running it (oneDNN keeps
@@ -45,7 +46,15 @@ flags.DEFINE_integer("batch_syn", 0, "TM: synthetic images per student step (0: 
 flags.DEFINE_bool("dsa", True, "DSA in both methods (as they are run); --nodsa traces much faster.")
 flags.DEFINE_integer("max_mib", 12288, "Kill a child whose RSS passes this (MiB): protects a shared machine.")
 flags.DEFINE_string("plot", None, "PNG plot path (default memory_bench.png when tm or an IPC sweep is run).")
+flags.DEFINE_enum("param", "pixels", ["pixels", "latents"], "Synthetic set of the ESP rows: IPC "
+                  "pixel images, or latent codes + decoders (--latent_downsample, --num_decoders).")
+flags.DEFINE_integer("latent_downsample", 2, "Latents: codes are image size / this.")
+flags.DEFINE_integer("num_decoders", 4, "Latents: shared decoders (renders per class = codes x decoders).")
+flags.DEFINE_list("syn_chunks", [], "Whole-set mode: one ESP update (N=1) of the whole set per value of "
+                  "--syn_chunk (renders per piece of the exact gradient, 0: one piece; 'default': the "
+                  "library's), ending with `IPC <ipc> ESP update peak memory, whole set: <X> GB` for the first.")
 flags.DEFINE_integer("child", 0, "Internal: measure one setting with this N and print JSON.")
+flags.DEFINE_integer("child_chunk", -1, "Internal: --syn_chunk of the --child setting (-1: the library's).")
 flags.DEFINE_enum("child_method", "esp", ["esp", "tm"], "Internal: method of the --child setting.")
 FLAGS = flags.FLAGS
 METHODS = ("esp", "tm")
@@ -65,7 +74,8 @@ def _child(n_steps: int, method: str) -> dict:
     import tensorflow as tf
     from esp_tf import augment, data as data_lib, models, subspace
     from esp_tf.methods import esp, tm
-    from esp_tf.synthetic import PixelSynthetic
+    from esp_tf import chunks
+    from esp_tf.synthetic import LatentSynthetic, PixelSynthetic
 
     c, hw = FLAGS.num_classes, FLAGS.size
     rng = np.random.default_rng(0)
@@ -76,13 +86,18 @@ def _child(n_steps: int, method: str) -> dict:
         class_names=tuple(map(str, range(c))), mean=np.full(3, 0.5, np.float32),
         std=np.full(3, 0.25, np.float32))
     net = models.FlatModel(models.build("convnet3", (hw, hw, 3), c, width=FLAGS.width))
-    syn = PixelSynthetic(c, FLAGS.ipc, (hw, hw, 3), init="gaussian")
+    if FLAGS.param == "latents":
+        syn = LatentSynthetic(c, FLAGS.ipc, (hw, hw, 3), init="gaussian", downsample=FLAGS.latent_downsample,
+                              num_decoders=FLAGS.num_decoders)
+    else:
+        syn = PixelSynthetic(c, FLAGS.ipc, (hw, hw, 3), init="gaussian")
     theta0 = net.init([0, 0])
     dsa = augment.DSAConfig() if FLAGS.dsa else None
     if method == "esp":
-        step = esp.ESPStep(net, syn, {"pixels": keras.optimizers.Adam(0.01)},
+        chunk = chunks.DEFAULT_CHUNK if FLAGS.child_chunk < 0 else FLAGS.child_chunk
+        step = esp.ESPStep(net, syn, {g: keras.optimizers.Adam(0.01) for g in syn.variable_groups()},
                            data_lib.ClassBalancedSampler(real),
-                           esp.ESPConfig(real_per_class=FLAGS.real_per_class, dsa=dsa))
+                           esp.ESPConfig(real_per_class=FLAGS.real_per_class, dsa=dsa, chunk=chunk))
         basis = subspace.basis(tf.stack([theta0 + 0.01 * i for i in range(3)]))
 
         def iteration(it):
@@ -114,16 +129,20 @@ def _child(n_steps: int, method: str) -> dict:
     t0 = time.time()
     iteration(2)                                      # second run: time, warm
     seconds = time.time() - t0
-    return {"method": method, "n": n_steps, "ipc": FLAGS.ipc, "step_peak_mib": (peak - before) / 1024,
+    extra = {"renders": syn.num_units * syn.renders_per_unit, "chunks": step.chunks.count,
+             "chunk": chunk} if method == "esp" else {}
+    return {**extra, "method": method, "n": n_steps, "ipc": FLAGS.ipc, "step_peak_mib": (peak - before) / 1024,
             "process_peak_mib": peak / 1024, "seconds_per_iteration": seconds,
             "seconds_per_update": seconds / updates, "traces": step.trace_count}
 
 
-def _measure(method: str, n: int, ipc: int) -> dict:
+def _measure(method: str, n: int, ipc: int, chunk: int = -1) -> dict:
     """Runs one child, killing it past --max_mib; returns its row (killed=True: a lower bound)."""
     cmd = [sys.executable, os.path.abspath(__file__), f"--child={n}", f"--child_method={method}",
-           f"--ipc={ipc}"] + [f"--{k}={getattr(FLAGS, k)}" for k in
-                              ("num_classes", "size", "width", "real_per_class", "batch_syn", "dsa")]
+           f"--ipc={ipc}", f"--child_chunk={chunk}"] + [
+               f"--{k}={getattr(FLAGS, k)}" for k in ("num_classes", "size", "width", "real_per_class",
+                                                     "batch_syn", "dsa", "param", "latent_downsample",
+                                                     "num_decoders")]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc, peak, t0 = subprocess.Popen(cmd, stdout=out, stderr=err, text=True), 0, time.time()
         while proc.poll() is None:
@@ -183,9 +202,33 @@ def _compare(methods, steps, ipcs, ipc_n):
     return rows
 
 
+def _whole_set(values):
+    """One ESP update (N=1) of the whole set per --syn_chunk value; the line for the first."""
+    print(f"One ESP update of the whole synthetic set ({FLAGS.param}, IPC {FLAGS.ipc}), ConvNet-3 width "
+          f"{FLAGS.width}, {FLAGS.size}x{FLAGS.size}x3, {FLAGS.num_classes} classes, DM real batch "
+          f"{FLAGS.real_per_class}/class, DSA {'on' if FLAGS.dsa else 'off'}", flush=True)
+    print(f"{'syn_chunk':>9} {'renders':>8} {'pieces':>7} {'process peak GB':>16} {'step peak GB':>13} "
+          f"{'s/update':>9}", flush=True)
+    rows = []
+    for value in values:
+        row = _measure("esp", 1, FLAGS.ipc, -1 if value == "default" else int(value))
+        rows.append(row)
+        mark = ">" if row.get("killed") else " "
+        print(f"{str(row.get('chunk', value)):>9} {row.get('renders', '?'):>8} {row.get('chunks', '?'):>7} "
+              f"{mark}{row['process_peak_mib'] / 1024:>15.2f} {mark}{row['step_peak_mib'] / 1024:>12.2f} "
+              f"{row['seconds_per_update']:>9.2f}", flush=True)
+    first = rows[0]
+    bound = ">=" if first.get("killed") else ""
+    print(f"IPC {FLAGS.ipc} ESP update peak memory, whole set: {bound}{first['process_peak_mib'] / 1024:.2f} GB",
+          flush=True)
+
+
 def main(argv):
     if FLAGS.child:
         print("RESULT " + json.dumps(_child(FLAGS.child, FLAGS.child_method)), flush=True)
+        return
+    if FLAGS.syn_chunks:
+        _whole_set(FLAGS.syn_chunks)
         return
     steps = [int(s) for s in FLAGS.steps]
     methods = [m for m in METHODS if m in FLAGS.methods]

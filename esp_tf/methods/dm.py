@@ -12,7 +12,7 @@ import functools
 import keras
 import tensorflow as tf
 
-from esp_tf import augment
+from esp_tf import augment, chunks
 from esp_tf.matching import (apply_grads, augment_by_class, build_optimizers, dm_loss, ordered_variables,
                              real_class_means, siamese_params)
 from esp_tf.methods.base import Method
@@ -22,10 +22,14 @@ from esp_tf.methods.base import Method
 class DMConfig:
     real_per_class: int = 256        # real images per class per update (DM's batch_real)
     dsa: augment.DSAConfig | None = augment.DSAConfig()   # DM uses DSA; None disables it
+    chunk: int | None = chunks.DEFAULT_CHUNK   # renders per piece of the exact whole-set gradient
+    #                                  (chunks.py); None or 0: the whole set in one piece
 
     def __post_init__(self):
         if self.real_per_class < 1:
             raise ValueError(f"real_per_class must be >= 1, got {self.real_per_class}")
+        if self.chunk is not None and self.chunk < 0:
+            raise ValueError(f"chunk must be >= 0 (0: the whole set at once), got {self.chunk}")
 
 
 class DMStep:
@@ -40,6 +44,7 @@ class DMStep:
         self.groups = synthetic.variable_groups()
         build_optimizers(optimizers, self.groups)
         self.optimizers = optimizers
+        self.chunks = chunks.ChunkedRenders(net, synthetic, config.chunk)
         self.trace_count = 0
         self._compiled = tf.function(self._step, jit_compile=jit_compile)
         self._evaluate = tf.function(self._loss)
@@ -66,12 +71,16 @@ class DMStep:
         # init, augment, real; Philox fixed so that --jit_compile draws the same numbers
         return tf.unstack(tf.random.experimental.stateless_split(seed, 3, alg="philox"))
 
-    def _loss(self, seed, theta):
+    def _real_side(self, seed, theta):
+        """The update's DSA draw (one per class) and real class means [C, D] at theta."""
         _, aug_seed, real_seed = self._seeds(seed)                         # theta: [P] fresh random net
         c = self.synthetic.num_classes
         params = siamese_params(aug_seed, c, self.synthetic.image_shape[:2], self.config.dsa)
-        real_means = real_class_means(self.net, theta, self.sampler, real_seed,
-                                      self.config.real_per_class, c, params)   # [C, D]
+        return params, real_class_means(self.net, theta, self.sampler, real_seed,
+                                        self.config.real_per_class, c, params)
+
+    def _loss(self, seed, theta):
+        params, real_means = self._real_side(seed, theta)
         x_syn, y_syn = self.synthetic.render()                             # [C*ipc, H, W, Ch]
         feats = self.net.features(theta, augment_by_class(x_syn, y_syn, params))   # [C*ipc, D]
         return dm_loss(real_means, feats, y_syn)
@@ -79,9 +88,19 @@ class DMStep:
     def _step(self, seed, theta):
         self.trace_count += 1       # Python side effect: runs only while tracing
         variables = ordered_variables(self.groups)
-        with tf.GradientTape() as tape:
-            loss = self._loss(seed, theta)
-        apply_grads(self.optimizers, self.groups, tape.gradient(loss, variables))
+        if self.chunks.count > 1:   # the same gradient chunk by chunk (chunks.py)
+            params, real_means = self._real_side(seed, theta)
+            c = self.synthetic.num_classes
+            sums, _, _, _ = self.chunks.totals(theta, params, with_g=False)
+            dm = (1.0, lambda g, means: dm_loss(real_means, means, tf.range(c, dtype=tf.int32)))
+            values, duals = chunks.reduced_duals({"dm": dm}, None, sums, self.chunks.per_class)
+            grads = self.chunks.gradients(theta, params, variables, duals)["dm"]
+            loss = values["dm"]
+        else:
+            with tf.GradientTape() as tape:
+                loss = self._loss(seed, theta)
+            grads = tape.gradient(loss, variables)
+        apply_grads(self.optimizers, self.groups, grads)
         return {"loss": loss, "dm": loss}
 
 
@@ -91,7 +110,7 @@ class DM(Method):
     """One update per iteration, each against a fresh random network."""
 
     Config = DMConfig
-    flag_fields = {"real_per_class": "real_per_class"}
+    flag_fields = {"real_per_class": "real_per_class", "syn_chunk": "chunk"}
     needs_trajectories = False
     default_lr_pixels = 1.0          # SGD with momentum 0.5, DM's pixel optimizer
     data_parallel = True             # data_parallel.ReplicatedDMStep under a strategy

@@ -22,7 +22,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from esp_tf import augment, subspace
+from esp_tf import augment, chunks, subspace
 from esp_tf.matching import (DM_REDUCTIONS, apply_grads, augment_by_class, build_optimizers, dense,
                              dm_loss, ordered_variables, real_class_means, siamese_params)
 from esp_tf.methods.base import Method
@@ -69,6 +69,9 @@ class ESPConfig:
     dsa: augment.DSAConfig | None = augment.DSAConfig()   # None disables augmentation
     batch_syn: int | None = None     # None: every synthetic image each update (the paper's point);
     #                                  k: a random class-balanced slice of k images (Figure 8 study)
+    chunk: int | None = chunks.DEFAULT_CHUNK   # renders per piece of the exact whole-set gradient
+    #                                  (chunks.py): memory grows with it, not with the set; None or
+    #                                  0: the whole set in one piece
     dm_reduction: str = "element_mean"   # see matching.DM_REDUCTIONS; chosen on a validation
     #                                  split: at beta 1e-5 it lets L_proj pull about as hard as
     #                                  L_DM (pull ~1 vs ~1e-4 under "sum"), and scored 41.65 +- 0.40
@@ -81,6 +84,8 @@ class ESPConfig:
             raise ValueError(f"batch_syn must be None or >= 1, got {self.batch_syn}")
         if self.inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}")
+        if self.chunk is not None and self.chunk < 0:
+            raise ValueError(f"chunk must be >= 0 (0: the whole set at once), got {self.chunk}")
         bad = [l for l in self.losses if l not in LOSS_TERMS]
         if bad or not self.losses:
             raise ValueError(f"losses must be a non-empty subset of {','.join(LOSSES)}, got "
@@ -148,6 +153,8 @@ class ESPStep:
                 raise ValueError(f"batch_syn {config.batch_syn} must be a multiple of the {c} classes "
                                  f"and at most {c * m} (the images rendered)")
             self._per_class = config.batch_syn // c
+        # the exact whole-set gradient in pieces (chunks.py); a sliced batch is one piece
+        self.chunks = chunks.ChunkedRenders(net, synthetic, None if config.batch_syn else config.chunk)
         self.trace_count = 0
         self._compiled = tf.function(self._step, jit_compile=jit_compile)
 
@@ -168,6 +175,14 @@ class ESPStep:
                                           cfg.real_per_class, num_classes, params)
 
         variables = ordered_variables(self.groups)
+        if self.chunks.count > 1:
+            loss, aux, per_term = self._chunked(theta, basis, params, real_means, variables)
+            grads = [tf.add_n(list(gs)) for gs in zip(*per_term.values())]
+            if "proj" in per_term and "dm" in per_term:
+                aux["pull"] = (tf.linalg.global_norm(per_term["proj"])
+                               / (tf.linalg.global_norm(per_term["dm"]) + 1e-30))
+            apply_grads(self.optimizers, self.groups, grads)
+            return theta - cfg.inner_lr * tf.stop_gradient(aux.pop("g_in")), {"loss": loss, **aux}
         several = len(cfg.losses) > 1
         with tf.GradientTape(persistent=several) as outer:
             x_syn, y_syn = self.synthetic.render()
@@ -193,6 +208,31 @@ class ESPStep:
         theta_next = theta - cfg.inner_lr * tf.stop_gradient(aux.pop("g_in"))   # eq. 6
         return theta_next, {"loss": loss, **aux}
 
+    def _chunked(self, theta, basis, params, real_means, variables):
+        """The update's loss, metrics and per-term gradients over the whole set, chunk by chunk
+        (chunks.py): the same values as `outer_loss` on every render at once, in the memory of
+        one chunk."""
+        cfg, c = self.config, self.synthetic.num_classes
+        sums, g, ce, acc = self.chunks.totals(theta, params, with_g=True)       # pass 1
+
+        def term(name):
+            def value(g_, means):
+                pieces = Pieces(cfg, means, tf.range(c, dtype=tf.int32), g_, subspace.project(basis, g_),
+                                real_means)
+                return LOSS_TERMS[name].value(pieces)
+            return LOSS_TERMS[name].weight(cfg), value
+
+        values, duals = chunks.reduced_duals({n: term(n) for n in cfg.losses}, g, sums,
+                                             self.chunks.per_class)
+        per_term = self.chunks.gradients(theta, params, variables, duals)     # pass 2
+        zero = tf.zeros([], theta.dtype)
+        loss = tf.add_n([LOSS_TERMS[n].weight(cfg) * values[n] for n in cfg.losses])
+        g_in = subspace.project(basis, g)
+        g_norm = tf.norm(g)
+        aux = {**{n: values.get(n, zero) for n in LOSS_TERMS}, "ce": ce, "syn_acc": acc,
+               "grad_norm": g_norm, "in_subspace": tf.norm(g_in) / (g_norm + 1e-12), "g_in": g_in}
+        return loss, aux, per_term
+
 
 class ESP(Method):
     """N projected student steps per expert segment, one synthetic update each (Algorithm 1)."""
@@ -200,7 +240,7 @@ class ESP(Method):
     Config = ESPConfig
     flag_fields = {"beta": "beta", "inner_lr": "inner_lr", "inner_steps": "inner_steps", "losses": "losses",
                    "real_per_class": "real_per_class", "syn_batch": "batch_syn",
-                   "dm_reduction": "dm_reduction"}
+                   "dm_reduction": "dm_reduction", "syn_chunk": "chunk"}
     needs_trajectories = True
     default_lr_pixels = 0.01         # Adam (the paper's outer optimizer), normalised pixel units
     data_parallel = True             # data_parallel.ReplicatedESPStep under a strategy

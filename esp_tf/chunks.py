@@ -1,0 +1,164 @@
+"""Exact outer gradients over the whole synthetic set, in memory that grows with a chunk, not the set.
+
+ESP's outer loss reads the rendered set only through two sums over its B renders:
+
+    G       = sum_b  d CE(f(theta, A(x_b)), y_b) / d theta / B          [P]     (eq. 4)
+    S_c     = sum_{b in class c}  f(theta, A(x_b))                      [C, D]  (L_DM's means = S_c / M)
+
+and L = L_DM(S / M) + beta * ||G - E E^T G||_1 depends on nothing else of the renders. So with
+dL/dG and dL/dS fixed at their full-set values (cheap: first order in G and S),
+
+    dL / d synthetic  =  sum over chunks k of  d [ <dL/dG, G_k> + <dL/dS, S_k> ] / d synthetic
+
+where G_k and S_k are chunk k's shares of the sums. Two passes over the chunks, each holding the
+graph of one chunk only:
+
+    pass 1  (no outer tape)   G = sum_k G_k,  S = sum_k S_k               first order in theta
+    reduce                    L, dL/dG, dL/dS                               [P], [C, D]
+    pass 2  (outer tape)      grads += d <dL/dG, G_k> + <dL/dS, S_k> / d synthetic   second order
+
+For L_proj, <dL/dG, G_k> with dL/dG = beta (I - E E^T) sign(G - E E^T G) is a Hessian-vector
+type product: its gradient is what the unchunked second-order backward computes, chunk by chunk.
+Pass 2 repeats pass 1's forward, so a split update costs about one more forward and first-order
+backward of the set than a whole one; with one chunk the caller takes the direct path instead.
+
+Exact only for networks that treat every image on its own (ConvNet's instance norm, no batch
+statistics): a batch-normalised network would see other statistics in every chunk, and
+`check_per_sample` refuses it. The DSA draw is one per class (Siamese), so a render is augmented
+the same way whichever chunk it is in.
+"""
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from esp_tf.matching import augment_by_class, dense
+
+# Renders per chunk by default. Memory of an ESP update grows with it (the second-order graph
+# of one chunk): measured by tools/memory_bench.py --whole_set (BENCHMARKS.md). Sets of at most
+# this many renders take the direct, single-pass path and cost nothing extra.
+DEFAULT_CHUNK = 256
+
+# Layers that act on every image of a batch on its own (the sums above are then exact per chunk).
+_PER_SAMPLE_LAYERS = ("InputLayer", "ZeroPadding2D", "Conv2D", "InstanceNorm", "Activation",
+                      "AveragePooling2D", "MaxPooling2D", "Flatten", "Dense")
+
+
+def check_per_sample(net) -> None:
+    """Raises ValueError unless every layer of `net` (a models.FlatModel) is per-image."""
+    other = sorted({type(l).__name__ for l in net.model.layers} - set(_PER_SAMPLE_LAYERS))
+    if other:
+        raise ValueError(
+            f"the synthetic set is split into chunks (--syn_chunk), which is exact only for a network "
+            f"that treats every image on its own; {net.model.name} has {', '.join(other)} layers. "
+            "Use --syn_chunk=0 (the whole set in one piece) or a ConvNet condensation model")
+
+
+def plan(num_units: int, renders_per_unit: int, chunk_renders: int | None) -> tuple[int, int]:
+    """(chunks, units per chunk) splitting `num_units` units as evenly as possible into chunks of
+    at most `chunk_renders` renders (at least one unit each). None or 0: one chunk."""
+    if not chunk_renders or chunk_renders >= num_units * renders_per_unit:
+        return 1, num_units
+    per = max(1, chunk_renders // renders_per_unit)
+    count = math.ceil(num_units / per)
+    return count, math.ceil(num_units / count)
+
+
+def units(k, per_chunk: int, num_units: int):
+    """Unit indices [per_chunk] of chunk k (the last chunk repeats the final unit where it runs
+    past the set) and the mask [per_chunk] that is 1 on units the chunk owns, 0 on repeats."""
+    index = k * per_chunk + tf.range(per_chunk)
+    return tf.minimum(index, num_units - 1), tf.cast(index < num_units, tf.float32)
+
+
+def loop(count: int, body, init):
+    """acc = body(k, acc) for k = 0..count-1, one chunk at a time (parallel_iterations=1 keeps a
+    single chunk's tensors alive). `init` and the result are nested structures of tensors."""
+    _, out = tf.while_loop(lambda k, acc: k < count, lambda k, acc: (k + 1, body(k, acc)),
+                           (tf.constant(0), init), parallel_iterations=1)
+    return out
+
+
+class ChunkedRenders:
+    """The whole synthetic set in chunks of whole units (`synthetic.render_units`), each at most
+    `chunk_renders` renders (None or 0: one chunk). The DSA draw `params` is one per class."""
+
+    def __init__(self, net, synthetic, chunk_renders: int | None):
+        self.net, self.synthetic = net, synthetic
+        self.count, self.per_chunk = plan(synthetic.num_units, synthetic.renders_per_unit, chunk_renders)
+        if self.count > 1:
+            check_per_sample(net)
+        self.total = synthetic.num_units * synthetic.renders_per_unit          # B
+        self.per_class = synthetic.images_per_class                            # M
+
+    def pieces(self, k, theta, params, with_g: bool):
+        """Chunk k's feature sums per class S_k [C, D], share of G G_k [P] (None unless with_g),
+        CE summed over the chunk / B, and count of correctly classified renders."""
+        syn = self.synthetic
+        index, mask = units(k, self.per_chunk, syn.num_units)
+        x, y = syn.render_units(index)                                          # [k*r, H, W, Ch]
+        weight = tf.cast(tf.repeat(mask, syn.renders_per_unit), x.dtype)        # [k*r] 1 or 0
+        x = augment_by_class(x, y, params)
+        with tf.GradientTape(watch_accessed_variables=False) as inner:
+            inner.watch(theta)
+            feats, logits = self.net.features_and_logits(theta, x)
+            ce = tf.reduce_sum(weight * tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)) / self.total
+        g = inner.gradient(ce, theta) if with_g else None
+        sums = tf.math.unsorted_segment_sum(feats * weight[:, None], y, syn.num_classes)
+        hits = tf.reduce_sum(weight * tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y),
+                                              weight.dtype))
+        return sums, g, ce, hits
+
+    def totals(self, theta, params, with_g: bool):
+        """Pass 1: S [C, D], G [P] (None unless with_g), mean CE and accuracy over every render."""
+        zero = tf.zeros([], theta.dtype)
+        init = (tf.zeros([self.synthetic.num_classes, self.net.feature_dim], theta.dtype),
+                tf.zeros_like(theta) if with_g else zero, zero, zero)
+
+        def body(k, acc):
+            sums, g, ce, hits = self.pieces(k, theta, params, with_g)
+            return acc[0] + sums, (acc[1] + g) if with_g else acc[1], acc[2] + ce, acc[3] + hits
+
+        sums, g, ce, hits = loop(self.count, body, init)
+        return sums, (g if with_g else None), ce, hits / self.total
+
+    def gradients(self, theta, params, variables, duals: dict) -> dict:
+        """Pass 2: term name -> the term's gradient w.r.t. `variables` (dense, summed over the
+        chunks), from its duals (dL/dG or None, dL/dS) at the full-set sums."""
+        with_g = any(d_g is not None for d_g, _ in duals.values())
+        init = {name: [tf.zeros_like(v) for v in variables] for name in duals}
+
+        def body(k, acc):
+            with tf.GradientTape(persistent=len(duals) > 1, watch_accessed_variables=False) as outer:
+                outer.watch(variables)
+                sums, g, _, _ = self.pieces(k, theta, params, with_g)
+                surrogates = {name: tf.reduce_sum(d_s * sums) + (0.0 if d_g is None else tf.reduce_sum(d_g * g))
+                              for name, (d_g, d_s) in duals.items()}
+            out = {name: [a + b for a, b in zip(acc[name], dense(outer.gradient(s, variables), variables))]
+                   for name, s in surrogates.items()}
+            del outer
+            return out
+
+        return loop(self.count, body, init)
+
+
+def reduced_duals(terms: dict, g, sums, per_class: int):
+    """The outer loss terms at the full-set sums, and the duals pass 2 needs.
+
+    `terms` maps a name to (weight, value(G, means [C, D]) -> scalar). Returns (unweighted
+    values, {name: (d weight*value / dG or None when g is None, d weight*value / dS)}), S being
+    the feature sums per class (means = S / per_class)."""
+    means = sums / per_class
+    watched = [means] if g is None else [g, means]
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(watched)
+        values = {name: value(g, means) for name, (_, value) in terms.items()}
+        weighted = {name: terms[name][0] * v for name, v in values.items()}
+    duals = {}
+    for name, w in weighted.items():
+        grads = tape.gradient(w, watched, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        d_g, d_means = (None, grads[0]) if g is None else grads
+        duals[name] = (d_g, d_means / per_class)
+    del tape
+    return values, duals
