@@ -19,7 +19,9 @@ def _tool(name):
 
 def _finished_run(path, method="esp", val=True, experts=2):
     path.mkdir()
-    (path / "flags.txt").write_text(f"--method={method}\n--param=latents\n--num_experts={experts}\n")
+    (path / "flags.txt").write_text(f"--method={method}\n--param=latents\n--num_experts={experts}\n"
+                                    "--dataset=cifar10\n--ipc=10\n--eval_epochs=300\n")
+    (path / "budget.json").write_text(json.dumps({"images_per_class": 56}))
     rows = [{"iteration": 2, "updates": 50, "seconds_per_update": 2.0},
             {"iteration": 4, "updates": 100, "seconds_per_update": 3.0}]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -35,6 +37,8 @@ def test_fidelity_curve_reads_updates_wall_clock_and_both_accuracies(tmp_path):
     point = curve.run_point(_finished_run(tmp_path / "a"))
     assert point["updates"] == 100 and point["seconds"] == 50 * 2.0 + 50 * 3.0
     assert (point["method"], point["test"], point["val"], point["runs"]) == ("esp", 41.0, 39.5, 2)
+    assert (point["dataset"], point["ipc"], point["eval_epochs"], point["renders_per_class"]) == (
+        "cifar10", 10, 300, 56)
     dm = curve.run_point(_finished_run(tmp_path / "b", method="dm", val=False))
     assert dm["method"] == "dm" and dm["val"] is None
     curve.plot([point, dm], str(tmp_path / "curve.png"))

@@ -16,7 +16,8 @@ Workdirs do not outlive the machine they ran on, so a curve is built over sessio
 file (--points, JSON): its points are printed and plotted with those of the workdirs given, and
 --record adds the workdirs' points to it (each with the commit it was measured at, from
 flags.txt's directory's git checkout, and the workdir's name; a point of the same name is
-replaced).
+replaced). Every point records its dataset, IPC, evaluation epochs and renders per class;
+--dataset and --ipc choose the points printed and plotted.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ def define_flags():
     flags.DEFINE_string("points", None, "JSON file of points measured earlier, plotted with the workdirs' ones.")
     flags.DEFINE_bool("record", False, "Add the workdirs' points to --points (replacing same-named ones).")
     flags.DEFINE_string("commit", None, "Commit the recorded points were measured at (default: git HEAD here).")
+    flags.DEFINE_string("dataset", "cifar10", "Print and plot only the points of this dataset.")
+    flags.DEFINE_integer("ipc", 1, "Print and plot only the points of this IPC.")
 
 
 def run_point(workdir: str, arch: str | None = None) -> dict:
@@ -65,7 +68,11 @@ def run_point(workdir: str, arch: str | None = None) -> dict:
     cell = cells[arch]
     uses_experts = methods.get(method).needs_trajectories      # DM draws random networks instead
     experts = int(run["num_experts"]) if uses_experts and "num_experts" in run else None
+    budget = wd.read_json(os.path.join(workdir, "budget.json")) or {}
     return {"workdir": workdir.rstrip("/"), "method": method, "param": run.get("param", "pixels"),
+            "dataset": run.get("dataset"), "ipc": int(run["ipc"]) if "ipc" in run else None,
+            "eval_epochs": int(run["eval_epochs"]) if "eval_epochs" in run else None,
+            "renders_per_class": budget.get("images_per_class"),
             "experts": experts,
             "updates": last, "seconds": seconds, "arch": arch, "test": cell["mean"], "test_std": cell["std"],
             "val": cell.get("val_mean"), "val_std": cell.get("val_std"), "runs": len(cell["accuracies"])}
@@ -142,14 +149,20 @@ def main(argv):
     else:
         new_names = {os.path.basename(p["workdir"]) for p in new}
         points = [p for p in read_points(FLAGS.points) if p.get("name") not in new_names] + new
-    print("| run | method | experts | param | updates | seconds | validation (%) | test (%) | runs | commit |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    points = [p for p in points if p.get("dataset") == FLAGS.dataset and p.get("ipc") == FLAGS.ipc]
+    if not points:
+        sys.exit(f"error: no point of {FLAGS.dataset} at IPC {FLAGS.ipc} (--dataset, --ipc)")
+    print(f"{FLAGS.dataset}, IPC {FLAGS.ipc}; eval epochs and renders per class in the last columns")
+    print("| run | method | experts | param | updates | seconds | validation (%) | test (%) | runs | commit "
+          "| eval epochs | renders/class |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for p in sorted(points, key=lambda p: (p["method"], p.get("experts") or 0, p["updates"])):
         val = f"{p['val']:.2f} +- {p['val_std']:.2f}" if p["val"] is not None else "-"
         experts = "-" if p.get("experts") is None else p["experts"]
         print(f"| {os.path.basename(p['workdir'])} | {p['method']} | {experts} | {p['param']} | {p['updates']} | "
               f"{p['seconds']:.0f} | {val} | {p['test']:.2f} +- {p['test_std']:.2f} | {p['runs']} | "
-              f"{p.get('commit', 'this checkout')} |")
+              f"{p.get('commit', 'this checkout')} | {p.get('eval_epochs') or '-'} | "
+              f"{p.get('renders_per_class') or '-'} |")
     plot(points, FLAGS.out)
     print(f"plot: {FLAGS.out}")
 
