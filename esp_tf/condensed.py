@@ -8,7 +8,9 @@ source dataset. Three kinds are recognised, in this order:
    `flags.txt`, whose --dataset / --data_dir name the source dataset;
 2. a prepared TFDS directory (holding `dataset_info.json`, or version folders that do), read
    with `tfds.builder_from_directory`, e.g. our exports (esp_tf/export.py);
-3. a TFDS dataset name prepared in `data_dir` (never downloaded).
+3. a TFDS dataset name prepared in `data_dir` (never downloaded);
+4. a published set: an `.npz` file of uint8 `pixels` [N, H, W, C], int `labels` [N] and the
+   `source_dataset` name (`write_published`; the headline sets under docs/sets/ are such files).
 TFDS sets provide uint8 `image` + `label` and optionally `image_normalized` (used as is); their
 source dataset comes from `info.metadata['source_dataset']` unless `source_dataset` is given.
 Anything else is a `UserError` that says what was looked for.
@@ -25,7 +27,7 @@ from esp_tf.workdir import UserError, parse_flags_file
 
 @dataclasses.dataclass(frozen=True)
 class CondensedSet:
-    kind: str                  # "workdir", "tfds_dir" or "tfds_name"
+    kind: str                  # "workdir", "tfds_dir", "tfds_name" or "published"
     label: str                 # default row label of the results table, e.g. "esp ipc10"
     labels: np.ndarray         # int32 [N]
     source_dataset: str        # TFDS name of the real dataset it condenses
@@ -142,9 +144,55 @@ def _from_builder(builder, kind, data_dir, source_dataset) -> CondensedSet:
                         zca=bool(meta.get("zca", False)), val_per_class=int(meta.get("val_per_class", 0) or 0))
 
 
+PUBLISHED_KEYS = ("pixels", "labels", "source_dataset")
+
+
+def write_published(path: str, pixels, labels, source_dataset: str, *, zca: bool = False,
+                    val_per_class: int = 0) -> None:
+    """Writes a condensed set as a plain `.npz` anyone can read (numpy only): uint8 `pixels`
+    [N, H, W, C], int32 `labels` [N], its `source_dataset`, and what scoring it needs (`zca`:
+    whiten with the source's fit, made without `val_per_class` images per class)."""
+    import io
+    from esp_tf.workdir import atomic_write_bytes
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or len(pixels) != len(labels):
+        raise ValueError(f"pixels must be uint8 [N, H, W, C] with one label each, got {pixels.dtype} "
+                         f"{pixels.shape} and {len(labels)} labels")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, pixels=pixels, labels=np.asarray(labels, np.int32),
+                        source_dataset=np.array(source_dataset), zca=np.array(bool(zca)),
+                        val_per_class=np.array(int(val_per_class)))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _from_published(path, data_dir, source_dataset) -> CondensedSet:
+    import zipfile
+    try:
+        with np.load(path) as saved:
+            missing = [k for k in PUBLISHED_KEYS if k not in saved]
+            if missing:
+                raise UserError(f"{path} is not a published condensed set: it lacks {', '.join(missing)} "
+                                f"(has {list(saved)}); see esp_tf.condensed.write_published")
+            pixels, labels = saved["pixels"], saved["labels"].astype(np.int32)
+            source = source_dataset or str(saved["source_dataset"])
+            zca = bool(saved["zca"]) if "zca" in saved else False
+            val = int(saved["val_per_class"]) if "val_per_class" in saved else 0
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e})") from e
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or len(pixels) != len(labels):
+        raise UserError(f"{path}: pixels must be uint8 [N, H, W, C] with one label each, got "
+                        f"{pixels.dtype} {pixels.shape} and {len(labels)} labels")
+    label = f"{os.path.splitext(os.path.basename(path))[0]} ipc{_ipc(labels)}"
+    return CondensedSet("published", label, labels, source, data_dir, pixels=pixels, zca=zca,
+                        val_per_class=val)
+
+
 def resolve(spec: str, data_dir: str | None = None, source_dataset: str | None = None) -> CondensedSet:
-    """Reads the condensed set `spec` (a workdir, a prepared TFDS directory or a TFDS name)."""
+    """Reads the condensed set `spec` (a workdir, a prepared TFDS directory, a TFDS name or a
+    published `.npz`)."""
     import tensorflow_datasets as tfds
+    if os.path.isfile(spec) and spec.endswith(".npz"):
+        return _from_published(spec, data_dir, source_dataset)
     if os.path.isdir(spec):
         if os.path.isfile(os.path.join(spec, "synthetic.npz")):
             return _from_workdir(spec, data_dir, source_dataset)

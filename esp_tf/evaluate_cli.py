@@ -5,7 +5,7 @@ real test split, print a table laid out like the paper's Table 2.
         --protocol=standard --eval_runs=5 --output=results.json
 
 --condensed reads any condensed set (esp_tf/condensed.py): a workdir of esp_tf.train, a prepared
-TFDS directory, or a TFDS name. --full trains on the whole real train split instead. The
+TFDS directory, a TFDS name, or a published `.npz` of uint8 renders (docs/sets/). --full trains on the whole real train split instead. The
 evaluation settings (--eval_epochs, --eval_runs, --eval_batch, --eval_lr, --eval_dsa) are
 esp_tf.train's; the library (protocols, trainer) is esp_tf/evaluate.py.
 """
@@ -25,7 +25,7 @@ FLAGS = flags.FLAGS
 PROTOCOL_NAMES = ("standard", "idc")   # evaluate.PROTOCOLS, named here so --help needs no TensorFlow
 
 flags.DEFINE_string("condensed", None, "Condensed set: an esp_tf workdir, a prepared TFDS directory, "
-                    "or a TFDS name in --data_dir.")
+                    "a TFDS name in --data_dir, or a published .npz of uint8 renders (docs/sets/).")
 flags.DEFINE_bool("full", False, "Train on the whole train split of --source_dataset instead "
                   "(the 'Full dataset' row).")
 flags.DEFINE_string("source_dataset", None, "Real dataset whose test split scores the set "

@@ -75,6 +75,26 @@ def test_anything_else_is_a_user_error_naming_what_was_looked_for(sets, tmp_path
         condensed.resolve("no_such_set", sets["tfds_dir"])
 
 
+def test_a_published_npz_resolves_to_its_pixels_normalised_with_the_source_statistics(sets, tmp_path):
+    real = sets["real"]
+    pixels = data.to_pixels(real, sets["images"]).numpy()
+    path = str(tmp_path / "published.npz")
+    condensed.write_published(path, pixels, sets["labels"], SOURCE, val_per_class=3)
+    with np.load(path) as raw:                        # numpy alone reads it
+        assert raw["pixels"].dtype == np.uint8 and str(raw["source_dataset"]) == SOURCE
+    c = condensed.resolve(path, sets["tfds_dir"])
+    assert (c.kind, c.source_dataset, c.val_per_class, c.label) == ("published", SOURCE, 3, "published ipc1")
+    np.testing.assert_allclose(c.normalized(real.mean, real.std), sets["images"], atol=1e-6)
+    with pytest.raises(ValueError, match="uint8"):
+        condensed.write_published(path, sets["images"], sets["labels"], SOURCE)
+    np.savez(tmp_path / "other.npz", images=sets["images"])
+    with pytest.raises(UserError, match="lacks pixels, labels, source_dataset"):
+        condensed.resolve(str(tmp_path / "other.npz"))
+    (tmp_path / "cut.npz").write_bytes(open(path, "rb").read()[:100])
+    with pytest.raises(UserError, match="damaged"):
+        condensed.resolve(str(tmp_path / "cut.npz"))
+
+
 # ---------------------------------------------------------------- protocols
 def test_standard_lr_drops_tenfold_at_half_and_idc_by_five_at_two_thirds_and_five_sixths():
     std = evaluate.protocol_config("standard", "convnet3", epochs=1000)

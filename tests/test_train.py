@@ -124,6 +124,25 @@ def test_loss_balance_tool_reads_a_finished_run(finished_run):
     assert lines[-1].startswith("run beta 1e-05: beta*L_proj pulls")
 
 
+def test_publish_tool_writes_a_set_that_scores_like_the_run_and_records_how_it_was_made(finished_run):
+    from esp_tf import condensed, data as data_lib
+    tmp, work, _ = finished_run
+    out = tmp / "sets" / "tiny.npz"
+    (tmp / "sets").mkdir()
+    done = run_python([REPO / "tools" / "publish_set.py", f"--workdir={work}", f"--out={out}",
+                       "--command=python -m esp_tf.train ..."])
+    assert done.returncode == 0, done.stderr[-3000:]
+    side = json.loads((tmp / "sets" / "tiny.json").read_text())
+    assert side["command"] == "python -m esp_tf.train ..." and side["flags"]["method"] == "esp"
+    assert side["eval"]["esp"]["convnet3"]["accuracies"] and side["budget"]["images_per_class"] >= 1
+    c = condensed.resolve(str(out), str(tmp / "tfds"))
+    real = data_lib.load("fashion_mnist_mini", str(tmp / "tfds"))
+    saved = np.load(work / "synthetic.npz")
+    np.testing.assert_array_equal(c.labels, saved["labels"])
+    half_level = 0.5 / (255 * float(np.min(real.std)))    # half a grey level, normalised units
+    assert np.abs(c.normalized(real.mean, real.std) - saved["images"]).max() <= half_level + 1e-5
+
+
 def test_default_run_renders_valid_pixels_and_the_uint8_export_clips_nothing(finished_run):
     import tensorflow_datasets as tfds
     from esp_tf import data as data_lib
