@@ -65,11 +65,33 @@ def plan(num_units: int, renders_per_unit: int, chunk_renders: int | None) -> tu
     return count, math.ceil(num_units / count)
 
 
-def units(k, per_chunk: int, num_units: int):
-    """Unit indices [per_chunk] of chunk k (the last chunk repeats the final unit where it runs
-    past the set) and the mask [per_chunk] that is 1 on units the chunk owns, 0 on repeats."""
+def units(k, per_chunk: int, num_units: int, start: int = 0):
+    """Unit indices [per_chunk] of chunk k of the `num_units` units from `start` on (the last
+    chunk repeats the final unit where it runs past them) and the mask [per_chunk] that is 1 on
+    units the chunk owns, 0 on repeats."""
     index = k * per_chunk + tf.range(per_chunk)
-    return tf.minimum(index, num_units - 1), tf.cast(index < num_units, tf.float32)
+    return start + tf.minimum(index, num_units - 1), tf.cast(index < num_units, tf.float32)
+
+
+def replica() -> tuple[int, int]:
+    """(index, count) of the tf.distribute replica being traced, as Python ints; (0, 1) on one
+    device. Under a strategy the set's units are split across the replicas, then into chunks."""
+    ctx = tf.distribute.get_replica_context()
+    count = 1 if ctx is None else int(ctx.num_replicas_in_sync)
+    if count == 1:
+        return 0, 1
+    index = tf.get_static_value(ctx.replica_id_in_sync_group)
+    if index is None:
+        raise ValueError("the data-parallel steps need a strategy whose replica ids are static "
+                         "(MirroredStrategy, MultiWorkerMirroredStrategy)")
+    return int(index), count
+
+
+def all_sum(x):
+    """x summed over the replicas (x itself on one device)."""
+    if replica()[1] == 1:
+        return x
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, x)
 
 
 def loop(count: int, body, init):
@@ -84,19 +106,33 @@ class ChunkedRenders:
     """The whole synthetic set in chunks of whole units (`synthetic.render_units`), each at most
     `chunk_renders` renders (None or 0: one chunk). The DSA draw `params` is one per class."""
 
-    def __init__(self, net, synthetic, chunk_renders: int | None):
-        self.net, self.synthetic = net, synthetic
+    def __init__(self, net, synthetic, chunk_renders: int | None, replicas: int = 1):
+        self.net, self.synthetic, self.chunk_renders = net, synthetic, chunk_renders
+        # the plan on one device: more than one chunk means the update is split
         self.count, self.per_chunk = plan(synthetic.num_units, synthetic.renders_per_unit, chunk_renders)
-        if self.count > 1:
+        if synthetic.num_units < replicas:
+            raise ValueError(f"the synthetic set has {synthetic.num_units} units (codes or images) for "
+                             f"{replicas} replicas: each replica needs at least one")
+        if self.count > 1 or replicas > 1:
             check_per_sample(net)
         self.total = synthetic.num_units * synthetic.renders_per_unit          # B
         self.per_class = synthetic.images_per_class                            # M
 
-    def pieces(self, k, theta, params, with_g: bool):
+    def share(self) -> tuple[int, int, int, int]:
+        """(first unit, units, chunks, units per chunk) of the replica being traced: its block of
+        the units (all of them on one device), split into chunks."""
+        index, count = replica()
+        n = self.synthetic.num_units
+        start, end = n * index // count, n * (index + 1) // count
+        chunks, per = plan(end - start, self.synthetic.renders_per_unit, self.chunk_renders)
+        return start, end - start, chunks, per
+
+    def pieces(self, k, theta, params, with_g: bool, share=None):
         """Chunk k's feature sums per class S_k [C, D], share of G G_k [P] (None unless with_g),
         CE summed over the chunk / B, and count of correctly classified renders."""
         syn = self.synthetic
-        index, mask = units(k, self.per_chunk, syn.num_units)
+        start, n, _, per = share or self.share()
+        index, mask = units(k, per, n, start)
         x, y = syn.render_units(index)                                          # [k*r, H, W, Ch]
         weight = tf.cast(tf.repeat(mask, syn.renders_per_unit), x.dtype)        # [k*r] 1 or 0
         x = augment_by_class(x, y, params)
@@ -111,28 +147,32 @@ class ChunkedRenders:
         return sums, g, ce, hits
 
     def totals(self, theta, params, with_g: bool):
-        """Pass 1: S [C, D], G [P] (None unless with_g), mean CE and accuracy over every render."""
+        """Pass 1: S [C, D], G [P] (None unless with_g), mean CE and accuracy over every render
+        (summed over the replicas)."""
         zero = tf.zeros([], theta.dtype)
         init = (tf.zeros([self.synthetic.num_classes, self.net.feature_dim], theta.dtype),
                 tf.zeros_like(theta) if with_g else zero, zero, zero)
+        share = self.share()
 
         def body(k, acc):
-            sums, g, ce, hits = self.pieces(k, theta, params, with_g)
+            sums, g, ce, hits = self.pieces(k, theta, params, with_g, share)
             return acc[0] + sums, (acc[1] + g) if with_g else acc[1], acc[2] + ce, acc[3] + hits
 
-        sums, g, ce, hits = loop(self.count, body, init)
+        sums, g, ce, hits = all_sum(loop(share[2], body, init))
         return sums, (g if with_g else None), ce, hits / self.total
 
     def gradients(self, theta, params, variables, duals: dict) -> dict:
-        """Pass 2: term name -> the term's gradient w.r.t. `variables` (dense, summed over the
-        chunks), from its duals (dL/dG or None, dL/dS) at the full-set sums."""
+        """Pass 2: term name -> the term's gradient w.r.t. `variables` (dense, summed over this
+        replica's chunks: the replicas' gradients sum to the whole set's), from its duals
+        (dL/dG or None, dL/dS) at the full-set sums."""
         with_g = any(d_g is not None for d_g, _ in duals.values())
         init = {name: [tf.zeros_like(v) for v in variables] for name in duals}
+        share = self.share()
 
         def body(k, acc):
             with tf.GradientTape(persistent=len(duals) > 1, watch_accessed_variables=False) as outer:
                 outer.watch(variables)
-                sums, g, _, _ = self.pieces(k, theta, params, with_g)
+                sums, g, _, _ = self.pieces(k, theta, params, with_g, share)
                 surrogates = {name: tf.reduce_sum(d_s * sums) + (0.0 if d_g is None else tf.reduce_sum(d_g * g))
                               for name, (d_g, d_s) in duals.items()}
             out = {name: [a + b for a, b in zip(acc[name], dense(outer.gradient(s, variables), variables))]
@@ -140,7 +180,7 @@ class ChunkedRenders:
             del outer
             return out
 
-        return loop(self.count, body, init)
+        return loop(share[2], body, init)
 
 
 def reduced_duals(terms: dict, g, sums, per_class: int):

@@ -1,43 +1,34 @@
 """ESP and DM updates split across the replicas of a tf.distribute strategy (MirroredStrategy on
 local devices, MultiWorkerMirroredStrategy across machines). No I/O, no flags.
 
-Replica i of R (the student network is per-sample, so splitting a batch changes no output):
+The update is the methods' own chunked path (esp_tf/chunks.py), with the units of the synthetic
+set (codes or images) split into one block per replica and each block into chunks:
 
     real:  block i of every class's real draw (same seed everywhere)  -> class means, all-reduced
-    syn:   everything rendered and augmented (same seed), then image slice i of the B images
-           g_i = d sum_{b in slice i} CE_b / B / d theta     S_i = per-class feature sums  [C, D]
-    G = sum_i g_i,  means = sum_i S_i / counts               (all-reduced, gradient stopped)
-    L(G, means) = the method's loss on the reduced pieces;  dL/dG, dL/dmeans (cheap, first order)
-    grads_i = d [<dL/dG, g_i> + <dL/dmeans, S_i / counts>] / d synthetic variables
+    syn:   replica i renders its block of units, chunk by chunk (same DSA draw per class)
+           G_i = d sum_{b in block i} CE_b / B / d theta     S_i = per-class feature sums  [C, D]
+    G = sum_i G_i,  S = sum_i S_i                            (all-reduced, gradient stopped)
+    L(G, S / M) and its duals dL/dG, dL/dS  (cheap, first order; the same on every replica)
+    grads_i = d [<dL/dG, G_i> + <dL/dS, S_i>] / d synthetic variables, chunk by chunk
     optimizer.apply(grads_i): Keras sums the replicas' grads (= dL/d variables) before updating
 
-The sum over replicas of the surrogate's gradient is the chain rule of L through G and the
-means, so one update equals the single-device update up to float32 summation order (tested).
-Every replica renders and augments the whole set (cheap next to the network), then runs the
-network, and the second-order graph, on its B/R synthetic images and r/R real images per class
-only: that is what shrinks per-device memory. `--jit_compile` is not supported here yet.
+The sum over replicas of the surrogate's gradient is the chain rule of L through G and S, so one
+update equals the single-device update up to float32 summation order (tested). Each device holds
+the graph of one chunk of its block and r/R real images per class. The sliced variant of ESP
+(--syn_batch) keeps its own code here: every replica renders the whole set, draws the same slice
+and runs the network on its share of it. `--jit_compile` is not supported here yet.
 """
 from __future__ import annotations
 
 import tensorflow as tf
 
 from esp_tf import subspace
-from esp_tf.matching import (apply_grads, augment_by_class, dense, dm_loss, ordered_variables,
-                             siamese_params)
+from esp_tf.chunks import replica as _replica
+from esp_tf.matching import apply_grads, augment_by_class, dense, ordered_variables, siamese_params
 from esp_tf.methods.dm import DMStep
 from esp_tf.methods.esp import LOSS_TERMS, ESPStep, Pieces, class_balanced_slice
 
 SUM = tf.distribute.ReduceOp.SUM
-
-
-def _replica():
-    """(replica index, replica count) of the replica being traced, as Python ints."""
-    ctx = tf.distribute.get_replica_context()
-    index = tf.get_static_value(ctx.replica_id_in_sync_group)
-    if index is None:
-        raise ValueError("the data-parallel steps need a strategy whose replica ids are static "
-                         "(MirroredStrategy, MultiWorkerMirroredStrategy)")
-    return int(index), int(ctx.num_replicas_in_sync)
 
 
 def _bounds(total: int, index: int, count: int) -> tuple:
@@ -85,19 +76,33 @@ def _check(strategy, jit_compile):
 
 class ReplicatedESPStep(ESPStep):
     """`methods.esp.ESPStep` (same call, same result) with each update split across the replicas
-    of `strategy`. The synthetic set and the optimizers must be created under strategy.scope()."""
+    of `strategy`. The synthetic set and the optimizers must be created under strategy.scope().
+
+    The update is ESPStep's own chunked path (chunks.py): each replica takes its block of the
+    set's units, in pieces of --syn_chunk renders, and the pieces' sums are all-reduced. Only the
+    sliced variant (--syn_batch: a random slice of renders, not of units) has its own code here."""
+
+    _class_means = staticmethod(real_class_means)       # each replica embeds its block of the reals
 
     def __init__(self, strategy, net, synthetic, optimizers, sampler, config, *, jit_compile=False):
         _check(strategy, jit_compile)
         self.strategy = strategy
         with strategy.scope():
-            super().__init__(net, synthetic, optimizers, sampler, config)
+            super().__init__(net, synthetic, optimizers, sampler, config,
+                             replicas=strategy.num_replicas_in_sync)
 
     def _step(self, theta, basis, seed):
         self.trace_count += 1       # Python side effect: runs only while tracing
         return _first(self.strategy, self.strategy.run(self._replica_step, args=(theta, basis, seed)))
 
     def _replica_step(self, theta, basis, seed):
+        if self.config.batch_syn is None:
+            return self._update(theta, basis, seed, in_pieces=True)
+        return self._sliced_step(theta, basis, seed)
+
+    def _sliced_step(self, theta, basis, seed):
+        """The --syn_batch variant: every replica renders the whole set and draws the same slice,
+        then runs the network on its share of the slice."""
         cfg, syn = self.config, self.synthetic
         ctx = tf.distribute.get_replica_context()
         aug_seed, real_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2, alg="philox"))
@@ -110,9 +115,8 @@ class ReplicatedESPStep(ESPStep):
         variables = ordered_variables(self.groups)
         with tf.GradientTape(persistent=True) as outer:
             x_syn, y_syn = syn.render()
-            if cfg.batch_syn is not None:
-                slice_seed = tf.random.experimental.stateless_fold_in(seed, 7, alg="philox")
-                x_syn, y_syn = class_balanced_slice(x_syn, y_syn, c, self._per_class, slice_seed)
+            slice_seed = tf.random.experimental.stateless_fold_in(seed, 7, alg="philox")
+            x_syn, y_syn = class_balanced_slice(x_syn, y_syn, c, self._per_class, slice_seed)
             total = x_syn.shape[0]                                          # B, all replicas
             x_aug = augment_by_class(x_syn, y_syn, params)
             x_i, y_i = _syn_slice(x_aug, y_syn)                            # [B_i, H, W, Ch]
@@ -158,38 +162,19 @@ class ReplicatedESPStep(ESPStep):
 
 class ReplicatedDMStep(DMStep):
     """`methods.dm.DMStep` (same call, same result) with each update split across the replicas of
-    `strategy`. The synthetic set and the optimizers must be created under strategy.scope()."""
+    `strategy`: DMStep's own chunked path, each replica on its block of the set's units. The
+    synthetic set and the optimizers must be created under strategy.scope()."""
+
+    _class_means = staticmethod(real_class_means)       # each replica embeds its block of the reals
 
     def __init__(self, strategy, net, synthetic, optimizers, sampler, config, *, jit_compile=False):
         _check(strategy, jit_compile)
         self.strategy = strategy
         with strategy.scope():
-            super().__init__(net, synthetic, optimizers, sampler, config)
+            super().__init__(net, synthetic, optimizers, sampler, config,
+                             replicas=strategy.num_replicas_in_sync)
 
     def _step(self, seed, theta):
         self.trace_count += 1       # Python side effect: runs only while tracing
-        return _first(self.strategy, self.strategy.run(self._replica_step, args=(seed, theta)))
-
-    def _replica_step(self, seed, theta):
-        ctx = tf.distribute.get_replica_context()
-        _, aug_seed, real_seed = self._seeds(seed)
-        c, syn = self.synthetic.num_classes, self.synthetic
-        params = siamese_params(aug_seed, c, syn.image_shape[:2], self.config.dsa)
-        real_means = real_class_means(self.net, theta, self.sampler, real_seed,
-                                      self.config.real_per_class, c, params)   # [C, D]
-        variables = ordered_variables(self.groups)
-        with tf.GradientTape() as tape:
-            x_syn, y_syn = syn.render()
-            x_i, y_i = _syn_slice(augment_by_class(x_syn, y_syn, params), y_syn)
-            sums_i = tf.math.unsorted_segment_sum(self.net.features(theta, x_i), y_i, c)   # [C, D]
-            with tape.stop_recording():
-                counts = tf.math.bincount(y_syn, minlength=c, maxlength=c, dtype=theta.dtype)[:, None]
-                means = ctx.all_reduce(SUM, sums_i) / counts
-                with tf.GradientTape() as reduced:
-                    reduced.watch(means)
-                    loss = dm_loss(real_means, means, tf.range(c, dtype=tf.int32))
-                d_means = reduced.gradient(loss, means) / counts
-            surrogate = tf.reduce_sum(d_means * sums_i)       # its gradient: this replica's share
-        grads = dense(tape.gradient(surrogate, variables), variables)
-        apply_grads(self.optimizers, self.groups, grads)    # Keras sums the replicas' grads
-        return {"loss": loss, "dm": loss}
+        return _first(self.strategy, self.strategy.run(self._update, args=(seed, theta),
+                                                       kwargs={"in_pieces": True}))

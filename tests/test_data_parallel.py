@@ -39,18 +39,26 @@ def max_rel(a, b):
 
 ESP = SETUP + """
 out = {}
-for param in ("pixels", "latents"):
+# (set, replicated config, single-device config): the whole set per replica in one piece; each
+# replica's block in pieces of 2 renders against one piece on one device; the sliced variant
+VARIANTS = {"pixels": ("pixels", {}, {}), "latents": ("latents", {}, {}),
+            "latents_pieces": ("latents", {"chunk": 2}, {"chunk": 0}),
+            "pixels_sliced": ("pixels", {"batch_syn": 6}, {"batch_syn": 6})}
+for name, (param, replicated_kw, single_kw) in VARIANTS.items():
     trajectory = np.stack([net.init([k, 0]).numpy() for k in range(3)])       # [3, P]
     basis = subspace.basis(tf.constant(trajectory))
-    config = esp.ESPConfig(real_per_class=4, inner_steps=3)
     results = []
     for replicated in (False, True):
         if replicated:
+            config = esp.ESPConfig(real_per_class=4, inner_steps=3, **replicated_kw)
             with strategy.scope():
                 syn = make_set(param)
                 opts = {k: keras.optimizers.Adam(0.05) for k in syn.variable_groups()}
             step = data_parallel.ReplicatedESPStep(strategy, net, syn, opts, data.ClassBalancedSampler(real), config)
+            if "chunk" in replicated_kw:
+                assert step.chunks.count > 2, step.chunks.count      # several pieces per replica
         else:
+            config = esp.ESPConfig(real_per_class=4, inner_steps=3, **single_kw)
             syn = make_set(param)
             opts = {k: keras.optimizers.Adam(0.05) for k in syn.variable_groups()}
             step = esp.ESPStep(net, syn, opts, data.ClassBalancedSampler(real), config)
@@ -60,7 +68,7 @@ for param in ("pixels", "latents"):
         results.append((variables(syn), theta.numpy(), {k: float(v) for k, v in m.items()}, step.trace_count))
     (v1, t1, m1, _), (v2, t2, m2, traces) = results
     moved = max_rel([a - b for a, b in zip(v1, variables(make_set(param)))], [np.ones(1)])
-    out[param] = {"vars": max_rel(v2, v1), "theta": max_rel([t2], [t1]), "moved": moved, "traces": traces,
+    out[name] = {"vars": max_rel(v2, v1), "theta": max_rel([t2], [t1]), "moved": moved, "traces": traces,
                   "metrics": {k: [m1[k], m2[k]] for k in m1}}
 print(json.dumps(out))
 """
@@ -94,6 +102,7 @@ def _run(code):
 
 def test_esp_updates_under_mirrored_strategy_equal_single_device_updates():
     out = _run(ESP)
+    assert set(out) == {"pixels", "latents", "latents_pieces", "pixels_sliced"}
     for param, r in out.items():
         assert r["moved"] > 1e-4, f"{param}: the set did not move; the comparison would be empty"
         assert r["vars"] < 2e-4, (param, r)          # Adam after 3 updates: ~5e-5 seen (latents)

@@ -39,12 +39,12 @@ class DMStep:
     """
 
     def __init__(self, net, synthetic, optimizers: dict, sampler, config: DMConfig = DMConfig(),
-                 *, jit_compile: bool = False):
+                 *, jit_compile: bool = False, replicas: int = 1):
         self.net, self.synthetic, self.sampler, self.config = net, synthetic, sampler, config
         self.groups = synthetic.variable_groups()
         build_optimizers(optimizers, self.groups)
         self.optimizers = optimizers
-        self.chunks = chunks.ChunkedRenders(net, synthetic, config.chunk)
+        self.chunks = chunks.ChunkedRenders(net, synthetic, config.chunk, replicas)
         self.trace_count = 0
         self._compiled = tf.function(self._step, jit_compile=jit_compile)
         self._evaluate = tf.function(self._loss)
@@ -52,6 +52,9 @@ class DMStep:
         # stateless_uniform differs from the CPU kernel's, and the same seed must give the
         # same network either way. It is one device-side op, no host round-trip.
         self._theta_for = tf.function(lambda seed: self.net.init(self._seeds(seed)[0]))
+
+    # real class means [C, D] at theta: this device's (data_parallel swaps in the replicated one)
+    _class_means = staticmethod(real_class_means)
 
     def __call__(self, seed):
         seed = tf.cast(seed, tf.int64)
@@ -76,8 +79,8 @@ class DMStep:
         _, aug_seed, real_seed = self._seeds(seed)                         # theta: [P] fresh random net
         c = self.synthetic.num_classes
         params = siamese_params(aug_seed, c, self.synthetic.image_shape[:2], self.config.dsa)
-        return params, real_class_means(self.net, theta, self.sampler, real_seed,
-                                        self.config.real_per_class, c, params)
+        return params, self._class_means(self.net, theta, self.sampler, real_seed,
+                                         self.config.real_per_class, c, params)
 
     def _loss(self, seed, theta):
         params, real_means = self._real_side(seed, theta)
@@ -87,8 +90,13 @@ class DMStep:
 
     def _step(self, seed, theta):
         self.trace_count += 1       # Python side effect: runs only while tracing
+        return self._update(seed, theta)
+
+    def _update(self, seed, theta, in_pieces: bool = False):
+        """One update; `in_pieces`: through the chunked path even when the set is one chunk
+        (each replica of a strategy then takes its share of the pieces)."""
         variables = ordered_variables(self.groups)
-        if self.chunks.count > 1:   # the same gradient chunk by chunk (chunks.py)
+        if in_pieces or self.chunks.count > 1:   # the same gradient chunk by chunk (chunks.py)
             params, real_means = self._real_side(seed, theta)
             c = self.synthetic.num_classes
             sums, _, _, _ = self.chunks.totals(theta, params, with_g=False)
@@ -100,7 +108,7 @@ class DMStep:
             with tf.GradientTape() as tape:
                 loss = self._loss(seed, theta)
             grads = tape.gradient(loss, variables)
-        apply_grads(self.optimizers, self.groups, grads)
+        apply_grads(self.optimizers, self.groups, grads)    # Keras sums the replicas' grads
         return {"loss": loss, "dm": loss}
 
 

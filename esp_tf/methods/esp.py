@@ -142,7 +142,7 @@ class ESPStep:
     """
 
     def __init__(self, net, synthetic, optimizers: dict, sampler, config: ESPConfig,
-                 *, jit_compile: bool = False):
+                 *, jit_compile: bool = False, replicas: int = 1):
         self.net, self.synthetic, self.sampler, self.config = net, synthetic, sampler, config
         self.groups = synthetic.variable_groups()
         build_optimizers(optimizers, self.groups)
@@ -154,15 +154,24 @@ class ESPStep:
                                  f"and at most {c * m} (the images rendered)")
             self._per_class = config.batch_syn // c
         # the exact whole-set gradient in pieces (chunks.py); a sliced batch is one piece
-        self.chunks = chunks.ChunkedRenders(net, synthetic, None if config.batch_syn else config.chunk)
+        self.chunks = chunks.ChunkedRenders(net, synthetic, None if config.batch_syn else config.chunk,
+                                            replicas)
         self.trace_count = 0
         self._compiled = tf.function(self._step, jit_compile=jit_compile)
+
+    # real class means [C, D] at theta: this device's (data_parallel swaps in the replicated one)
+    _class_means = staticmethod(real_class_means)
 
     def __call__(self, theta, basis, seed):
         return self._compiled(theta, basis, tf.cast(seed, tf.int64))
 
     def _step(self, theta, basis, seed):
         self.trace_count += 1       # Python side effect: runs only while tracing
+        return self._update(theta, basis, seed)
+
+    def _update(self, theta, basis, seed, in_pieces: bool = False):
+        """One update; `in_pieces`: through the chunked path even when the set is one chunk
+        (each replica of a strategy then takes its share of the pieces)."""
         cfg = self.config
         # a fixed algorithm: XLA would otherwise auto-select another one and draw other numbers
         aug_seed, real_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2, alg="philox"))
@@ -171,17 +180,18 @@ class ESPStep:
         params = siamese_params(aug_seed, num_classes, self.synthetic.image_shape[:2], cfg.dsa)
         real_means = None
         if cfg.needs_real:
-            real_means = real_class_means(self.net, theta, self.sampler, real_seed,
-                                          cfg.real_per_class, num_classes, params)
+            real_means = self._class_means(self.net, theta, self.sampler, real_seed,
+                                           cfg.real_per_class, num_classes, params)
 
         variables = ordered_variables(self.groups)
-        if self.chunks.count > 1:
+        if in_pieces or self.chunks.count > 1:
             loss, aux, per_term = self._chunked(theta, basis, params, real_means, variables)
             grads = [tf.add_n(list(gs)) for gs in zip(*per_term.values())]
             if "proj" in per_term and "dm" in per_term:
-                aux["pull"] = (tf.linalg.global_norm(per_term["proj"])
-                               / (tf.linalg.global_norm(per_term["dm"]) + 1e-30))
-            apply_grads(self.optimizers, self.groups, grads)
+                whole = {n: chunks.all_sum(gs) for n, gs in per_term.items()}   # over the replicas
+                aux["pull"] = (tf.linalg.global_norm(whole["proj"])
+                               / (tf.linalg.global_norm(whole["dm"]) + 1e-30))
+            apply_grads(self.optimizers, self.groups, grads)   # Keras sums the replicas' grads
             return theta - cfg.inner_lr * tf.stop_gradient(aux.pop("g_in")), {"loss": loss, **aux}
         several = len(cfg.losses) > 1
         with tf.GradientTape(persistent=several) as outer:
