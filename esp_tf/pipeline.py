@@ -53,7 +53,7 @@ def _path(s, *parts) -> str:
     return os.path.join(s.workdir, *parts)
 
 
-def _check_writable(folder: str, flag: str):
+def check_writable(folder: str, flag: str):
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise wd.UserError(f"--{flag}={folder} is a file, not a directory; pass a directory")
     try:
@@ -87,7 +87,7 @@ def prepare_workdir(s):
         errors.append(f"--data_dir={s.data_dir} is a file, not a directory")
     if errors:
         raise wd.UserError("invalid flags: " + "; ".join(errors))
-    _check_writable(s.workdir, "workdir")
+    check_writable(s.workdir, "workdir")
     old = wd.parse_flags_file(_path(s, "flags.txt")) if os.path.exists(_path(s, "flags.txt")) else None
     new = cli.values(s)
     results = [name for name in _OUTPUTS if os.path.exists(_path(s, name))]
@@ -362,11 +362,20 @@ def phase_export(s, real, images, labels, synthetic, results):
 def run(settings: cli.Settings, workdir: str) -> dict:
     """Runs settings.phases in `workdir` (resuming what a previous run there finished) and
     returns the evaluation results ({method: {arch: summary}}, those of eval.json; empty
-    without the evaluate phase). Raises workdir.UserError for anything the user must fix."""
+    without the evaluate phase). Raises workdir.UserError for anything the user must fix,
+    among them another run holding the workdir (`workdir.WorkdirLock`, taken first)."""
+    s = dataclasses.replace(settings, workdir=os.path.expanduser(workdir) if workdir else workdir)
+    if not s.workdir:
+        raise wd.UserError("invalid flags: --workdir is required")
+    check_writable(s.workdir, "workdir")
+    with wd.WorkdirLock(s.workdir):
+        return _run_locked(s)
+
+
+def _run_locked(s) -> dict:
     import tensorflow_datasets as tfds
     from esp_tf import condensed, methods
     tfds.disable_progress_bar()
-    s = dataclasses.replace(settings, workdir=os.path.expanduser(workdir) if workdir else workdir)
     old = prepare_workdir(s)
     worker = cluster.worker(s.worker_index, s.num_workers)
     strategy = cluster.make_strategy(s.strategy)     # first: multi_worker configures the runtime

@@ -7,6 +7,7 @@ checkpoint, and phases whose outputs exist are not repeated. See README.md and B
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -28,16 +29,34 @@ def main(argv):
     if not FLAGS["verbosity"].present:      # library INFO chatter off unless asked for
         logging.set_verbosity(logging.WARNING)
     from esp_tf import pipeline
-    settings = cli.from_flags()
-    pipeline.run(settings, settings.workdir)
+    # The workdir is locked before TensorFlow loads (resolving the settings imports it), so a
+    # second run in it stops within a second; pipeline.run keeps the lock (re-entrant).
+    workdir = os.path.expanduser(FLAGS.workdir) if FLAGS.workdir else None
+    early = contextlib.nullcontext()
+    if workdir and (os.path.isdir(workdir) or not os.path.exists(workdir)):
+        pipeline.check_writable(workdir, "workdir")
+        early = wd.WorkdirLock(workdir)
+    with early:
+        settings = cli.from_flags()
+        pipeline.run(settings, settings.workdir)
 
 
-def _user_errors() -> tuple:
-    """The errors that are the user's to fix. Imported only once one is raised: importing
-    esp_tf.data loads TensorFlow, which --help must not wait for."""
+def _late_user_errors() -> tuple:
+    """The user's errors that live in modules importing TensorFlow: looked up only for an error
+    that is neither a UserError nor an OSError, so neither those nor Ctrl-C wait for TensorFlow
+    to load (or fail because it is half loaded)."""
     from esp_tf.data import DatasetNotFoundError
     from esp_tf.trajectories import TrajectoryError
-    return wd.UserError, DatasetNotFoundError, TrajectoryError, OSError
+    return DatasetNotFoundError, TrajectoryError
+
+
+def _fail_user(e, verbose) -> None:
+    if verbose():
+        traceback.print_exc()
+    wd.fail(str(e) if not isinstance(e, OSError) else
+            f"{e.strerror or e}: {e.filename or ''} (free disk space or fix the permissions, then "
+            "rerun the same command: it resumes)")
+    sys.exit(2)
 
 
 def run():
@@ -46,13 +65,8 @@ def run():
         app.run(main, flags_parser=wd.flags_parser(__doc__, cli.__name__, wd.RENAMED_TRAIN_FLAGS))
     except SystemExit:          # --help, usage errors: before the clauses below import anything
         raise
-    except _user_errors() as e:   # no traceback, exit 2
-        if verbose():
-            traceback.print_exc()
-        wd.fail(str(e) if not isinstance(e, OSError) else
-                f"{e.strerror or e}: {e.filename or ''} (free disk space or fix the permissions, then "
-                "rerun the same command: it resumes)")
-        sys.exit(2)
+    except (wd.UserError, OSError) as e:   # no traceback, exit 2
+        _fail_user(e, verbose)
     except KeyboardInterrupt:
         if verbose():
             traceback.print_exc()
@@ -61,6 +75,8 @@ def run():
         sys.exit(130)      # the shell's convention for a SIGINT exit
     except Exception as e:
         tf = sys.modules.get("tensorflow")       # imported by then if the error comes from it
+        if tf is not None and isinstance(e, _late_user_errors()):
+            _fail_user(e, verbose)
         if tf is None or not isinstance(e, tf.errors.ResourceExhaustedError):
             raise
         if verbose():                            # a full disk under a checkpoint write, or memory

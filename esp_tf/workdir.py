@@ -59,6 +59,69 @@ def write_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+LOCK_NAME = ".esp_tf.lock"
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir for the whole of one run (`with WorkdirLock(path):`).
+
+    Two runs in one workdir would interleave their writes (one evaluation cell lost, logs moved
+    aside under the other, a flags.txt that describes neither). The second process therefore
+    stops at once with a UserError naming the holder. The lock is the kernel's (flock on
+    <workdir>/.esp_tf.lock), held by the open file: a run that dies in any way, SIGKILL
+    included, releases it, so a lock left by a dead process is never in the way and nothing is
+    ever deleted to clear one. The file keeps the last holder's PID for the message. Bucket
+    paths (`gs://...`) have no file locks: there the lock is a no-op.
+    """
+
+    _held: dict = {}             # realpath -> [open lock file, depth]: re-entry in one process
+
+    def __init__(self, folder: str):
+        self.folder, self._key = folder, None
+
+    def __enter__(self):
+        import fcntl
+        import socket
+        if "://" in self.folder:
+            return self
+        key = os.path.realpath(self.folder)
+        if key in WorkdirLock._held:          # this process holds it already (CLI, then library)
+            WorkdirLock._held[key][1] += 1
+            self._key = key
+            return self
+        os.makedirs(self.folder, exist_ok=True)
+        f = open(os.path.join(self.folder, LOCK_NAME), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that recorded no PID"
+            f.close()
+            raise UserError(f"{self.folder} is in use by another esp_tf run ({holder}); nothing was "
+                            "changed. Wait for it to end (then rerun this command: it resumes), or "
+                            "use another --workdir.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"PID {os.getpid()} on {socket.gethostname()}, started "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        WorkdirLock._held[key] = [f, 1]
+        self._key = key
+        return self
+
+    def __exit__(self, *exc):
+        if self._key is not None:
+            entry = WorkdirLock._held[self._key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                import fcntl
+                del WorkdirLock._held[self._key]
+                fcntl.flock(entry[0], fcntl.LOCK_UN)
+                entry[0].close()
+            self._key = None
+        return False
+
+
 def merge_json_cell(path: str, row: str, column: str, value) -> dict:
     """Sets obj[row][column] = value in the JSON file at `path` (created if missing) and returns
     the merged object. The file is re-read under an exclusive lock right before the atomic

@@ -467,3 +467,89 @@ def test_7_the_network_probe_answers_within_its_timeout_on_local_ports():
     t0 = time.time()
     assert not data_lib.network_reachable(("127.0.0.1", port), timeout=1.0)   # closed now
     assert time.time() - t0 < 3
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Concurrency (issue 22): one run per workdir
+# ---------------------------------------------------------------------------------------------
+HOLD = """
+import sys, time
+from esp_tf import workdir
+with workdir.WorkdirLock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _holder(tmp, work):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(work)], cwd=REPO, env=_env(tmp),
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_8_a_second_run_in_a_held_workdir_exits_2_at_once_naming_the_holder_and_changes_nothing(run_copy):
+    tmp, work, before = run_copy
+    holder = _holder(tmp, work)
+    try:
+        t0 = time.time()
+        out = _train(tmp, [f"--workdir={work}"] + TINY)
+        elapsed = time.time() - t0
+        line = _refused(out, "in use by another esp_tf run", f"PID {holder.pid}", "nothing was changed")
+        assert elapsed < 5, elapsed                              # before TensorFlow is even imported
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert _snapshot(work) == before and not [p for p in work.iterdir() if p.name.startswith("previous-")]
+    finally:
+        holder.kill()                                            # SIGKILL: the kernel drops its lock
+        holder.wait()
+    _ok(_train(tmp, [f"--workdir={work}"] + TINY))             # a dead holder is never in the way
+    after = _snapshot(work)                                    # (flags.txt now names this copy's path)
+    assert {k: v for k, v in after.items() if k != "flags.txt"} == {
+        k: v for k, v in before.items() if k != "flags.txt"}, line
+
+
+def test_8_two_runs_started_together_one_runs_and_the_other_exits_2(finished, tmp_path):
+    tmp, done = finished
+    work = tmp_path / "work"
+    args = [f"--workdir={work}", f"--experts_dir={done / 'experts'}"] + TINY
+    code = "from esp_tf import train\nimport sys\nsys.argv = ['esp_tf.train'] + sys.argv[1:]\ntrain.run()\n"
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"--data_dir={tmp / 'tfds'}"] + args, cwd=REPO,
+                              env=_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], (codes, [o[1][-2000:] for o in outs])
+    loser = outs[[p.returncode for p in procs].index(2)][1]
+    assert "in use by another esp_tf run" in loser and "Traceback" not in loser
+    # the survivor's results are those of a run alone: the finished run of the same settings
+    assert json.loads((work / "eval.json").read_text()).keys() == json.loads((done / "eval.json").read_text()).keys()
+    rows = [json.loads(line)["iteration"] for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert rows == sorted(set(rows)), rows                     # no row logged twice
+    alone, here = np.load(done / "synthetic.npz"), np.load(work / "synthetic.npz")
+    np.testing.assert_allclose(here["images"], alone["images"], rtol=1e-4, atol=1e-5)
+
+
+def test_8_the_workdir_lock_is_reentrant_in_one_process_and_exclusive_across_processes(tmp_path):
+    from esp_tf import workdir
+    with workdir.WorkdirLock(str(tmp_path)):
+        with workdir.WorkdirLock(str(tmp_path / "." )):          # the CLI, then the library: one lock
+            pass
+        other = subprocess.run([sys.executable, "-c", HOLD, str(tmp_path)], cwd=REPO, env=_env(tmp_path),
+                               capture_output=True, text=True, timeout=120)
+        assert other.returncode != 0 and "in use by another esp_tf run" in other.stderr
+        assert f"PID {os.getpid()}" in other.stderr
+    holder = _holder(tmp_path, tmp_path)                          # released on exit: another may take it
+    holder.kill()
+    holder.wait()
+    with workdir.WorkdirLock("gs://bucket/run"):                 # buckets have no file locks: a no-op
+        pass
+
+
+def test_8_ctrl_c_before_tensorflow_loads_exits_130_without_loading_it(tmp_path):
+    patch = ("import atexit\natexit.register(lambda: print('tensorflow loaded:', 'tensorflow' in sys.modules))\n"
+             "from esp_tf import cli\n"
+             "def interrupted():\n    raise KeyboardInterrupt\n"
+             "cli.from_flags = interrupted\n")
+    out = _train(tmp_path, [f"--workdir={tmp_path / 'work'}"] + TINY, patch=patch)
+    _refused(out, "interrupted", code=130)
+    assert "tensorflow loaded: False" in out.stdout, out.stdout
