@@ -202,31 +202,56 @@ def resolve(s: Settings) -> Settings:
     return dataclasses.replace(s, **filled)
 
 
+# The range of every numeric flag, in one table: name -> (lowest allowed, whether the lowest
+# itself is allowed). A flag left None (a method setting not set, an optional size) is not
+# checked here; method settings are also checked by their method's Config.
+_AT_LEAST_ONE = ("ipc", "iterations", "segment_length", "num_experts", "expert_epochs", "expert_batch",
+                 "eval_epochs", "eval_runs", "eval_batch", "ckpt_every", "log_every", "num_decoders",
+                 "latent_downsample", "latent_channels", "decoder_hidden", "width", "depth",
+                 "inner_steps", "real_per_class", "max_start_epoch")
+_AT_LEAST_ZERO = ("val_per_class", "seed", "syn_batch", "syn_chunk", "beta", "decoder_init")
+_POSITIVE = ("expert_lr", "eval_lr", "inner_lr", "pixels_lr", "codes_lr", "decoders_lr",
+             "student_lr_init", "student_lr_lr")
+RANGES = {**{n: (1, True) for n in _AT_LEAST_ONE}, **{n: (0, True) for n in _AT_LEAST_ZERO},
+          **{n: (0, False) for n in _POSITIVE}}
+# A TFDS name (name, name/config, name:version, name/config:version), or the embedded default.
+_DATASET_NAME = r"[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:[0-9]+\.[0-9]+\.[0-9]+|:[0-9]+\.\*\.\*)?"
+
+
+def range_errors(s) -> list:
+    """A message for every numeric flag outside its range (RANGES), naming the flag."""
+    errors = []
+    for name, (low, inclusive) in RANGES.items():
+        value = getattr(s, name)
+        if value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            continue                      # reported as not finite below
+        if value < low or (value == low and not inclusive):
+            errors.append(f"--{name} must be {'>=' if inclusive else '>'} {low}, got {value}")
+    return errors
+
+
 def validate(s: Settings) -> list:
     """Cross-setting checks with messages a user can act on (flag names)."""
+    import re
     errors = []
     if not s.workdir:
         errors.append("--workdir is required")
     bad = [p for p in s.phases if p not in PHASES]
     if bad:
         errors.append(f"--phases: unknown {bad}; choose from {','.join(PHASES)}")
-    for name in ("ipc", "iterations", "segment_length", "num_experts", "expert_epochs",
-                 "eval_epochs", "eval_runs", "eval_batch", "ckpt_every", "log_every", "num_decoders",
-                 "latent_downsample", "decoder_hidden"):
-        if getattr(s, name) < 1:
-            errors.append(f"--{name} must be >= 1, got {getattr(s, name)}")
-    if s.latent_channels is not None and s.latent_channels < 1:
-        errors.append(f"--latent_channels must be >= 1, got {s.latent_channels}")
-    if s.decoder_init < 0:
-        errors.append(f"--decoder_init must be >= 0, got {s.decoder_init}")
-    if s.val_per_class < 0:
-        errors.append(f"--val_per_class must be >= 0, got {s.val_per_class}")
+    errors += range_errors(s)
+    if not re.fullmatch(_DATASET_NAME, s.dataset or ""):
+        errors.append(f"--dataset={s.dataset!r} is not a TFDS dataset name (name, name/config or "
+                      "name:version, e.g. cifar10 or fashion_mnist:3.0.1)")
+    if s.export_name is not None and not re.fullmatch(r"[a-z][a-z0-9_]*", s.export_name):
+        errors.append(f"--export_name={s.export_name!r}: a TFDS name is snake_case ([a-z][a-z0-9_]*), "
+                      "so tfds.load can read the export")
     if s.zca and s.clip_pixels:
         errors.append("--zca: whitened images have no per-channel pixel range to clip renders to; "
                       "add --noclip_pixels")
-    if s.max_start_epoch < 1:
-        errors.append("--max_start_epoch must be >= 1 (segments start at epochs 0..max_start_epoch-1)")
-    elif s.max_start_epoch - 1 + s.segment_length > s.expert_epochs:
+    if s.max_start_epoch >= 1 and s.max_start_epoch - 1 + s.segment_length > s.expert_epochs:
         errors.append(f"--max_start_epoch - 1 ({s.max_start_epoch - 1}) + --segment_length "
                       f"({s.segment_length}) exceeds --expert_epochs ({s.expert_epochs})")
     bad = [b for b in s.baselines if b not in ("random", "herding")]

@@ -45,15 +45,21 @@ def worker(worker_index: int | None = None, num_workers: int | None = None,
     text = environ.get("TF_CONFIG", "").strip()
     if not text:
         return Worker()
+    shape = ('it needs {"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", '
+             '"index": i}} (an optional "chief": ["host:port"])')
     try:
         config = json.loads(text)
         cluster, task = config.get("cluster") or {}, config["task"]
         kind, index = task["type"], int(task["index"])
-        chiefs, workers = list(cluster.get("chief", [])), list(cluster.get("worker", []))
+        chiefs, workers = cluster.get("chief", []), cluster.get("worker", [])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise wd.UserError(f"TF_CONFIG is not a valid cluster description ({type(e).__name__}: {e}); "
-                           'it needs {"cluster": {"worker": [...]}, "task": {"type": "worker", '
-                           '"index": i}}') from None
+                           f"{shape}") from None
+    for name, tasks in (("chief", chiefs), ("worker", workers)):
+        # a string would be read as one task per character, and the run would wait for them forever
+        if not isinstance(tasks, list) or not all(isinstance(t, str) and ":" in t for t in tasks):
+            raise wd.UserError(f"TF_CONFIG cluster.{name} must be a list of \"host:port\" strings, got "
+                               f"{json.dumps(tasks)[:200]}; {shape}")
     if kind not in ("chief", "worker"):
         raise wd.UserError(f"TF_CONFIG task type {kind!r} trains no experts: expert generation runs "
                            "on tasks of type chief and worker")

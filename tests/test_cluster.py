@@ -36,6 +36,13 @@ def test_worker_identity_comes_from_flags_then_tf_config_then_defaults():
     ((None, None), {"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1"], "evaluator": ["e:1"]},
                                              "task": {"type": "evaluator", "index": 0}})},
      "trains no experts"),
+    # a string worker list would be read as one worker per character (and wait for them forever)
+    ((None, None), {"TF_CONFIG": json.dumps({"cluster": {"worker": "host0:1,host1:2"},
+                                             "task": {"type": "worker", "index": 0}})},
+     "cluster.worker must be a list of \"host:port\" strings"),
+    ((None, None), {"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1", 7]}, "task": {"type": "worker",
+                                                                                        "index": 0}})},
+     "cluster.worker must be a list"),
 ])
 def test_a_bad_worker_description_is_one_clear_error(args, env, message):
     with pytest.raises(wd.UserError, match=message):

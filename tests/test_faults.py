@@ -205,6 +205,17 @@ def test_2_no_intact_checkpoint_is_an_error_that_keeps_the_results(run_copy):
     (["--ipc=301"], ["--ipc=301", "300 train images"]),
     (["--dataset=fashion_mnst"], ["fashion_mnst"]),
     (["--val_per_class=300"], ["--val_per_class=300", "smallest class", "use fewer"]),
+    # issue 22: flags that ran to exit 0 with meaningless results, or gave tracebacks
+    (["--depth=0"], ["--depth must be >= 1, got 0"]),
+    (["--width=-3"], ["--width must be >= 1, got -3"]),
+    (["--expert_batch=0"], ["--expert_batch must be >= 1"]),
+    (["--eval_lr=-1"], ["--eval_lr must be > 0, got -1.0"]),
+    (["--expert_lr=0"], ["--expert_lr must be > 0"]),
+    (["--seed=-1"], ["--seed must be >= 0"]),
+    (["--codes_lr=-0.1"], ["--codes_lr must be > 0"]),
+    (["--dataset="], ["--dataset=''", "TFDS dataset name"]),
+    (["--dataset=../etc"], ["--dataset='../etc'", "TFDS dataset name"]),
+    (["--export_name=My Set"], ["--export_name='My Set'", "snake_case"]),
 ])
 def test_3_bad_settings_fail_before_any_work_and_write_no_flags_txt(tmp_path, bad, words):
     work = tmp_path / "w"
