@@ -300,17 +300,13 @@ def _restore_last_intact(ckpt, manager) -> str | None:
 
 def _drop_metrics_after(path: str, iteration: int) -> None:
     """Keeps the rows of metrics.jsonl up to `iteration` (the resumed one): rows logged after the
-    last checkpoint are logged again by the resumed run, and a killed writer may leave half a line."""
+    last checkpoint are logged again by the resumed run, and a killed writer may leave half a line
+    (damaged lines are dropped, with a warning)."""
     if not fs.exists(path):
         return
     with fs.open(path) as f:
-        lines = f.read().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["iteration"] <= iteration:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    kept = [json.dumps(r, sort_keys=True) for r in wd.read_jsonl(path, required=("iteration",))
+            if isinstance(r["iteration"], int) and r["iteration"] <= iteration]
     if kept != lines:
         wd.atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -216,16 +216,16 @@ def plot_curves(metrics_jsonl: str, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with fs.open(metrics_jsonl) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = wd.read_jsonl(metrics_jsonl, required=("iteration",))     # damaged lines skipped, with a warning
     if not rows:
         raise ValueError(f"{metrics_jsonl} holds no metrics")
-    it = [r["iteration"] for r in rows]
     panels = [(k, t) for k, t in (("loss", "outer loss"), ("dm", "L_DM"), ("proj", "L_proj (L1)"),
-                                  ("pull", "pull of beta*L_proj vs L_DM"), ("ce", "student CE on synthetic set")) if k in rows[0]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+                                  ("pull", "pull of beta*L_proj vs L_DM"), ("ce", "student CE on synthetic set"))
+              if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4 * max(1, len(panels)), 3.2))
     for ax, (key, title) in zip(np.atleast_1d(axes), panels):
-        ax.plot(it, [r[key] for r in rows])
+        shown = [r for r in rows if isinstance(r.get(key), (int, float))]
+        ax.plot([r["iteration"] for r in shown], [r[key] for r in shown])
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)

@@ -147,7 +147,30 @@ def read_json(path: str):
         with fs.open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); delete it to recompute it") from e
+        raise UserError(f"{path} is not valid JSON ({e}); move it aside (it is kept for you to "
+                        "inspect) and rerun the same command to recompute it") from e
+
+
+def read_jsonl(path: str, required=(), warn: bool = True) -> list[dict]:
+    """The JSON objects of a JSON-lines file, one per line. A damaged line (a killed writer's
+    half line, an edit) or an object lacking a `required` key is skipped, with one warning line
+    naming the file: an auxiliary log never stops a run or a tool."""
+    rows, skipped = [], 0
+    with fs.open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and all(k in row for k in required):
+                rows.append(row)
+            else:
+                skipped += 1
+    if skipped and warn:
+        say(f"warning: skipped {skipped} damaged line(s) of {path}")
+    return rows
 
 
 def append_jsonl(path: str, obj) -> None:

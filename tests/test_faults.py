@@ -564,3 +564,20 @@ def test_8_ctrl_c_before_tensorflow_loads_exits_130_without_loading_it(tmp_path)
     out = _train(tmp_path, [f"--workdir={tmp_path / 'work'}"] + TINY, patch=patch)
     _refused(out, "interrupted", code=130)
     assert "tensorflow loaded: False" in out.stdout, out.stdout
+
+
+def test_8_a_damaged_metrics_log_is_skipped_with_a_warning_never_fatal(run_copy):
+    tmp, work, before = run_copy
+    log = work / "metrics.jsonl"
+    good = log.read_text()
+    log.write_text(good + '{"iteration": 3, "loss": 0.\n' + "not json at all\n" + '["a list"]\n')
+    out = _ok(_train(tmp, [f"--workdir={work}", "--phases=export"] + TINY))
+    assert "warning: skipped 3 damaged line(s)" in out.stdout and "Traceback" not in out.stderr
+    assert (work / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    from esp_tf import workdir
+    rows = workdir.read_jsonl(str(log), required=("iteration",), warn=False)
+    assert [r["iteration"] for r in rows] == [json.loads(l)["iteration"] for l in good.splitlines()]
+    (work / "eval.json").write_text('{"esp": ')
+    out = _train(tmp, [f"--workdir={work}", "--phases=evaluate"] + TINY)
+    line = _refused(out, "eval.json is not valid JSON", "move it aside")
+    assert "delete" not in line                                  # no advice of ours deletes a result

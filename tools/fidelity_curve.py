@@ -52,8 +52,7 @@ def run_point(workdir: str, arch: str | None = None) -> dict:
         raise ValueError(f"{workdir}: not a finished run ({', '.join(missing)} missing)")
     run = wd.parse_flags_file(paths["flags.txt"])
     method = run.get("method", "esp")
-    with open(paths["metrics.jsonl"]) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = wd.read_jsonl(paths["metrics.jsonl"], required=("updates", "seconds_per_update"))
     seconds, last = 0.0, 0
     for row in rows:                       # each row averages the updates since the previous one
         seconds += row["seconds_per_update"] * (row["updates"] - last)
