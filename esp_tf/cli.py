@@ -42,6 +42,8 @@ flags.DEFINE_integer("num_experts", 100, "Expert trajectories to train (MTT 100,
 flags.DEFINE_integer("expert_epochs", 50, "Epochs per expert; snapshots = epochs + 1.")
 flags.DEFINE_float("expert_lr", 0.01, "Expert SGD learning rate (constant, no momentum).")
 flags.DEFINE_integer("expert_batch", 256, "Expert batch size.")
+flags.DEFINE_bool("accept_weak_experts", False, "Store experts whose test accuracy stays within 1.5x "
+                  "of chance (they learned nothing, e.g. a diverged --expert_lr); refused by default.")
 flags.DEFINE_bool("expert_dsa", True, "DSA augmentation while training experts (MTT: on).")
 
 # -- ESP condensation --------------------------------------------------------------------

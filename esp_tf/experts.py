@@ -64,42 +64,85 @@ def test_accuracy(net: FlatModel, theta, real: data_lib.RealData, correct_fn=Non
     return hits / len(real.test_labels)
 
 
-def _save_partial(path: str, snapshots, velocity, step: int) -> None:
+def _save_partial(path: str, snapshots, velocity, step: int, recipe: str) -> None:
     buf = io.BytesIO()                  # a file object: np.savez would append ".npz" to a name
-    np.savez(buf, snapshots=np.stack(snapshots), velocity=velocity, step=step)
+    np.savez(buf, snapshots=np.stack(snapshots), velocity=velocity, step=step, recipe=np.array(recipe))
     wd.atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_partial(path: str, recipe: str, num_params: int, epochs: int):
+    """(snapshots, velocity, step) of an unfinished expert, or None when the file cannot be
+    trusted: unreadable, of another recipe (the `recipe` it records, TrajectoryMeta JSON plus the
+    expert's seed, differs; files of older versions record none) or of another shape. Such a
+    file is moved aside to `<path>.bad-<time>` with a warning, and the expert starts over."""
+    problem = None
+    try:
+        with fs.open(path, "rb") as f:
+            saved = np.load(io.BytesIO(f.read()))
+            snapshots, velocity, step = saved["snapshots"], saved["velocity"], int(saved["step"])
+            found = str(saved["recipe"]) if "recipe" in saved else None
+    except Exception as e:          # a truncated zip, garbage, missing arrays: never trusted
+        problem = f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+    else:
+        if found != recipe:
+            problem = ("made with another expert recipe" if found is not None else
+                       "records no expert recipe (written by an older esp_tf)")
+        elif (snapshots.ndim != 2 or snapshots.shape[1] != num_params or not 1 <= len(snapshots) <= epochs
+              or velocity.shape != (num_params,)):
+            problem = f"of another shape ({snapshots.shape})"
+    if problem is None:
+        return list(snapshots), velocity, step
+    aside = f"{path}.bad-{time.strftime('%Y%m%d-%H%M%S')}"
+    fs.rename(path, aside)
+    wd.say(f"experts: WARNING the unfinished expert {path} is {problem}; moved it to {aside} and "
+           "training that expert from the start")
+    return None
+
+
+# An expert whose test accuracy stays within this factor of chance (1 / classes) learned nothing:
+# its training diverged (too large --expert_lr) or never started. Such trajectories would steer
+# condensation with noise, so they are refused unless --accept_weak_experts.
+WEAK_FACTOR = 1.5
+
+
+class WeakExpertError(ValueError):
+    """An expert that diverged or stayed at chance; the message names it and the fix."""
 
 
 def train_expert(net: FlatModel, real: data_lib.RealData, config: ExpertConfig, seed: int,
                  trainer: _Trainer | None = None, partial_path: str | None = None,
-                 on_epoch=None) -> tuple[np.ndarray, float]:
+                 on_epoch=None, recipe: str = "") -> tuple[np.ndarray, float]:
     """Trains one expert from a fresh init; returns snapshots [epochs+1, P] and its test accuracy.
 
-    With `partial_path`, the trajectory so far is saved after every epoch and a later call
-    continues from it (same seeds, so the result equals an uninterrupted run).
-    `on_epoch(epoch, epochs, loss)` is called after each epoch.
+    With `partial_path`, the trajectory so far is saved after every epoch (with `recipe`, what
+    it was trained with) and a later call with the same recipe continues from it (same seeds, so
+    the result equals an uninterrupted run); a partial file that cannot be trusted is moved aside.
+    `on_epoch(epoch, epochs, loss)` is called after each epoch. A non-finite loss raises
+    WeakExpertError.
     """
     trainer = trainer or _Trainer(net, config)
+    recipe = f"{recipe}\nseed {seed}"
     theta = net.init(tf.constant([seed, 0], tf.int64))
     velocity = tf.zeros_like(theta)
     snapshots, step = [theta.numpy()], 0
-    if partial_path and fs.exists(partial_path):
-        with fs.open(partial_path, "rb") as f:
-            saved = np.load(io.BytesIO(f.read()))
-        snapshots, step = list(saved["snapshots"]), int(saved["step"])
-        theta, velocity = tf.constant(snapshots[-1]), tf.constant(saved["velocity"])
+    saved = (_load_partial(partial_path, recipe, net.num_params, config.epochs)
+             if partial_path and fs.exists(partial_path) else None)
+    if saved is not None:
+        snapshots, velocity, step = saved
+        theta, velocity = tf.constant(snapshots[-1]), tf.constant(velocity)
         logging.info("expert seed %d: resuming at epoch %d from %s", seed, len(snapshots) - 1, partial_path)
     for epoch in range(len(snapshots) - 1, config.epochs):
         for x, y in data_lib.train_dataset(real, config.batch_size, seed=seed * 100_003 + epoch):
             theta, velocity, loss = trainer.step(theta, velocity, x, y,
                                                  tf.constant([seed, step + 1], tf.int64))
             step += 1
-        if not np.isfinite(float(loss)):
-            raise FloatingPointError(f"expert seed {seed}: loss is {float(loss)} at epoch {epoch + 1}; "
-                                     "lower --expert_lr")
+        if not np.isfinite(float(loss)) or not np.all(np.isfinite(theta.numpy())):
+            raise WeakExpertError(f"the expert of seed {seed} diverged: its loss is {float(loss)} after "
+                                  f"epoch {epoch + 1}; lower --expert_lr (now {config.lr}). Nothing of "
+                                  "it was stored.")
         snapshots.append(theta.numpy())
         if partial_path and epoch + 1 < config.epochs:
-            _save_partial(partial_path, snapshots, velocity.numpy(), step)
+            _save_partial(partial_path, snapshots, velocity.numpy(), step, recipe)
         if on_epoch:
             on_epoch(epoch + 1, config.epochs, float(loss))
     acc = test_accuracy(net, theta, real, trainer.correct)
@@ -132,7 +175,8 @@ def shard(num_experts: int, worker_index: int = 0, num_workers: int = 1) -> list
 
 def generate(store: TrajectoryStore, net: FlatModel, real: data_lib.RealData, meta: TrajectoryMeta,
              num_experts: int, config: ExpertConfig, seed: int = 0, progress=None,
-             on_epoch=None, worker_index: int = 0, num_workers: int = 1) -> list[float]:
+             on_epoch=None, worker_index: int = 0, num_workers: int = 1,
+             accept_weak: bool = False) -> list[float]:
     """Ensures this worker's experts (`shard`) of 0..num_experts-1 exist in `store`; trains only
     the missing ones. With the default single worker that is every expert.
 
@@ -142,6 +186,8 @@ def generate(store: TrajectoryStore, net: FlatModel, real: data_lib.RealData, me
     `worker_index`: their shards are disjoint, so no two write the same file.
     `progress(k, done, total, acc, seconds)` is called after each expert (done and total count
     this worker's shard), `on_epoch(k, epoch, epochs, loss)` after each epoch.
+    An expert whose test accuracy stays within WEAK_FACTOR of chance is refused (WeakExpertError,
+    nothing stored) unless `accept_weak`.
     Returns the test accuracies of the experts trained by this call.
     """
     mine = shard(num_experts, worker_index, num_workers)
@@ -159,7 +205,15 @@ def generate(store: TrajectoryStore, net: FlatModel, real: data_lib.RealData, me
         partial = store.expert_path(k) + ".partial.npz"
         snapshots, acc = train_expert(
             net, real, config, seed=seed * 1_000_003 + k, trainer=trainer, partial_path=partial,
-            on_epoch=(lambda e, n, loss, k=k: on_epoch(k, e, n, loss)) if on_epoch else None)
+            on_epoch=(lambda e, n, loss, k=k: on_epoch(k, e, n, loss)) if on_epoch else None,
+            recipe=meta.to_json())
+        chance = 1.0 / real.num_classes
+        if acc <= WEAK_FACTOR * chance and not accept_weak:
+            raise WeakExpertError(
+                f"expert {k} reached {100 * acc:.1f}% test accuracy, within {WEAK_FACTOR}x of chance "
+                f"({100 * chance:.1f}%): it learned nothing (a too large --expert_lr, now {config.lr}, "
+                "or too few --expert_epochs) and was not stored. Fix the recipe, or pass "
+                "--accept_weak_experts to store such experts knowingly.")
         store.write(k, snapshots)
         if fs.exists(partial):
             fs.remove(partial)

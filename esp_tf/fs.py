@@ -61,6 +61,14 @@ def glob(pattern) -> list:
     return _gfile().glob(pattern) if is_url(pattern) else _glob.glob(pattern)
 
 
+def rename(src, dst) -> None:
+    """Moves file `src` to `dst` (on an object store a copy and a delete)."""
+    if is_url(src):
+        _gfile().rename(src, dst, overwrite=False)
+    else:
+        os.rename(src, dst)
+
+
 def remove(path) -> None:
     if is_url(path):
         _gfile().remove(path)

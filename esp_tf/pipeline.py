@@ -30,7 +30,8 @@ from esp_tf import cli, cluster, fs, workdir as wd
 # checks its own metadata and recipe), and per-architecture / per-name evaluation and export
 # choices (eval.json holds one cell per method and architecture; exports are named), and how the
 # exact gradient is split into pieces (syn_chunk: the same gradient up to float rounding).
-_RERUN_SAFE = {"phases", "log_every", "ckpt_every", "restart", "jit_compile", "syn_chunk", "data_dir", "experts_dir",
+_RERUN_SAFE = {"phases", "log_every", "ckpt_every", "restart", "jit_compile", "syn_chunk", "accept_weak_experts",
+               "data_dir", "experts_dir",
                "workdir", "download", "verbose", "eval_arch", "baselines", "export_name",
                "worker_index", "num_workers", "strategy"}
 # Flags added after workdirs existed, with the value that reproduces what a run from before them
@@ -222,7 +223,7 @@ def phase_experts(s, real, net, worker):
 
     accs = experts.generate(store, net, real, meta, s.num_experts, config, seed=s.seed,
                             progress=progress, on_epoch=on_epoch, worker_index=worker.index,
-                            num_workers=worker.count)
+                            num_workers=worker.count, accept_weak=s.accept_weak_experts)
     if accs:
         wd.say(f"experts: trained {len(accs)}, mean test accuracy {100 * np.mean(accs):.1f}%")
     if worker.count > 1 and set(s.phases) != {"experts"}:
@@ -254,6 +255,12 @@ def phase_condense(s, real, net, store, meta, strategy=None):
     settings = cli.condense_settings(s)
     trajectories = None
     if settings.method_class.needs_trajectories:      # DM draws fresh random networks instead
+        missing = sorted(set(range(s.num_experts)) - set(store.completed()))
+        if missing:      # e.g. an expert file deleted while another expert was training
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            raise wd.UserError(f"--num_experts={s.num_experts} but {len(missing)} of them are not in "
+                               f"{store.directory} (expert {shown}); rerun the same command: the experts "
+                               "phase trains only the missing ones")
         trajectories = store.load(meta, num_snapshots=condense.snapshots_needed(s.max_start_epoch,
                                                                                s.segment_length),
                                   max_experts=s.num_experts)

@@ -46,8 +46,9 @@ def _late_user_errors() -> tuple:
     that is neither a UserError nor an OSError, so neither those nor Ctrl-C wait for TensorFlow
     to load (or fail because it is half loaded)."""
     from esp_tf.data import DatasetNotFoundError
+    from esp_tf.experts import WeakExpertError
     from esp_tf.trajectories import TrajectoryError
-    return DatasetNotFoundError, TrajectoryError
+    return DatasetNotFoundError, TrajectoryError, WeakExpertError
 
 
 def _fail_user(e, verbose) -> None:

@@ -581,3 +581,31 @@ def test_8_a_damaged_metrics_log_is_skipped_with_a_warning_never_fatal(run_copy)
     out = _train(tmp, [f"--workdir={work}", "--phases=evaluate"] + TINY)
     line = _refused(out, "eval.json is not valid JSON", "move it aside")
     assert "delete" not in line                                  # no advice of ours deletes a result
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. The expert store checks itself (issue 22)
+# ---------------------------------------------------------------------------------------------
+def test_9_diverged_experts_are_refused_in_one_line_and_nothing_is_stored(tmp_path):
+    work = tmp_path / "w"
+    out = _train(tmp_path, [f"--workdir={work}"] + TINY + ["--expert_lr=1e6"])
+    line = _refused(out, "--expert_lr", "stored")       # at chance (or a non-finite loss: "diverged")
+    assert "chance" in line or "diverged" in line
+    assert not list((work / "experts").glob("expert_*.tfrecord"))
+    out = _ok(_train(tmp_path, [f"--workdir={work}"] + TINY + ["--expert_lr=1e6", "--accept_weak_experts",
+                                                            "--phases=experts"]))
+    assert list((work / "experts").glob("expert_*.tfrecord"))     # stored knowingly when asked
+
+
+def test_9_condensation_refuses_a_store_that_lost_an_expert_after_the_experts_phase(finished, tmp_path):
+    tmp, done = finished
+    store = tmp_path / "experts"
+    shutil.copytree(done / "experts", store)
+    patch = ("from esp_tf import experts\norig = experts.generate\n"
+             "def lose_one(store, *a, **k):\n    out = orig(store, *a, **k)\n"
+             "    import os\n    os.remove(store.expert_path(0))\n    return out\n"
+             "experts.generate = lose_one\n")
+    work = tmp_path / "w"
+    out = _train(tmp, [f"--workdir={work}", f"--experts_dir={store}"] + TINY, patch=patch)
+    _refused(out, "--num_experts=1 but 1 of them are not in", "expert 0", "trains only the missing ones")
+    assert not (work / "synthetic.npz").exists()
