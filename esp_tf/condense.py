@@ -134,8 +134,9 @@ def _save_synthetic(path: str, images: np.ndarray, labels: np.ndarray) -> None:
 
 
 def run(real: data_lib.RealData, net: FlatModel, trajectories, s: CondenseSettings, strategy=None):
-    """Condenses `real` with the method of `s`, guided by `trajectories` [K, S, P] when the
-    method reads them (None otherwise). With a tf.distribute `strategy`, the set and its
+    """Condenses `real` with the method of `s`, guided by `trajectories` when the method reads
+    them (None otherwise): an array [K, S, P], or a `segments` source that reads one segment
+    per iteration (segments.StoreSource). With a tf.distribute `strategy`, the set and its
     optimizers are mirrored and every update is split across the replicas (`data_parallel`).
 
     Returns (images, labels, synthetic): the rendered set as normalised float32 [C*M, H, W, Ch]
@@ -145,8 +146,11 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories, s: CondenseSettin
     method_class = s.method_class
     if method_class.needs_trajectories:
         needed = snapshots_needed(s.max_start_epoch, s.segment_length)
-        if trajectories is None or trajectories.shape[1] < needed:
-            have = "none" if trajectories is None else f"{trajectories.shape[1]} snapshots"
+        if trajectories is not None:
+            from esp_tf import segments
+            trajectories = segments.as_source(trajectories)
+        if trajectories is None or trajectories.num_snapshots < needed:
+            have = "none" if trajectories is None else f"{trajectories.num_snapshots} snapshots"
             raise wd.UserError(f"method {s.method} needs expert trajectories of max_start_epoch + "
                                f"segment_length = {needed} snapshots; got {have}")
     if strategy is not None:

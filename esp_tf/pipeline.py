@@ -255,17 +255,11 @@ def phase_condense(s, real, net, store, meta, strategy=None):
     settings = cli.condense_settings(s)
     trajectories = None
     if settings.method_class.needs_trajectories:      # DM draws fresh random networks instead
-        missing = sorted(set(range(s.num_experts)) - set(store.completed()))
-        if missing:      # e.g. an expert file deleted while another expert was training
-            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-            raise wd.UserError(f"--num_experts={s.num_experts} but {len(missing)} of them are not in "
-                               f"{store.directory} (expert {shown}); rerun the same command: the experts "
-                               "phase trains only the missing ones")
-        trajectories = store.load(meta, num_snapshots=condense.snapshots_needed(s.max_start_epoch,
-                                                                               s.segment_length),
-                                  max_experts=s.num_experts)
-        wd.say(f"condense: {trajectories.shape[0]} experts x {trajectories.shape[1]} snapshots x "
-               f"{trajectories.shape[2]} params")
+        from esp_tf.segments import StoreSource        # checks the store; reads a segment per iteration
+        needed = condense.snapshots_needed(s.max_start_epoch, s.segment_length)
+        trajectories = StoreSource(store, meta, s.num_experts, needed)
+        wd.say(f"condense: {s.num_experts} experts x {needed} snapshots x {meta.num_params} params, "
+               "one segment read per iteration")
     detail = methods.get(s.method).describe(settings.method_config)
     wd.say(f"condense: {s.method.upper()} {s.iterations} iterations{' ' + detail if detail else ''}, "
            f"IPC {s.ipc}, param {s.param}")

@@ -35,10 +35,8 @@ def select_segment(trajectories: tf.Tensor, seed, length: int, max_start: int) -
     `randint(0, max_start_epoch)`), so the last snapshot used is max_start - 1 + length < S.
     Returns (segment [length+1, P], expert index, start epoch).
     """
-    k_max = tf.shape(trajectories)[0]
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
-    k = tf.random.stateless_uniform([], seeds[0], 0, k_max, dtype=tf.int32)
-    t = tf.random.stateless_uniform([], seeds[1], 0, max_start, dtype=tf.int32)
+    from esp_tf.segments import draw        # the draw of condensation's segment readers
+    k, t = draw(seed, tf.shape(trajectories)[0], max_start)
     p = tf.shape(trajectories)[2]
     segment = tf.slice(trajectories, tf.stack([k, t, 0]), tf.stack([1, length + 1, p]))[0]
     return segment, k, t

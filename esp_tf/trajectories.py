@@ -247,6 +247,17 @@ class TrajectoryStore:
         self._read_into(k, out, meta, check_end=n == total)
         return out
 
+    def read_range(self, k: int, start: int, n: int) -> np.ndarray:
+        """Snapshots start .. start+n-1 of expert k, [n, P] float32: what one condensation
+        iteration reads (segments.StoreSource). Records before `start` are skipped unparsed."""
+        meta, path = self.read_meta(), self.expert_path(k)
+        if not (0 <= start and 1 <= n and start + n <= meta.epochs + 1):
+            raise TrajectoryError(f"{path}: snapshots {start}..{start + n - 1} asked for, the experts in "
+                                  f"{self.directory} have {meta.epochs + 1}")
+        out = np.empty((n, meta.num_params), np.float32)
+        self._read_into(k, out, meta, check_end=False, start=start)
+        return out
+
     def load(self, expected: TrajectoryMeta, *, num_snapshots: int,
              max_experts: int | None = None) -> np.ndarray:
         """The first `max_experts` finished experts (in index order) as [K, num_snapshots, P]."""
@@ -267,22 +278,23 @@ class TrajectoryStore:
                      time.perf_counter() - start)
         return out
 
-    def _read_into(self, k, out, meta, check_end):
-        """Fills out [n, P] from expert k's file, verifying every record; stops after n records."""
+    def _read_into(self, k, out, meta, check_end, start: int = 0):
+        """Fills out [n, P] with records start .. start+n-1 of expert k's file, verifying every
+        record read; stops after them (check_end: and checks that no record follows)."""
         path, n = self.expert_path(k), out.shape[0]
         if not fs.exists(path):
             raise TrajectoryError(f"{path} not found: expert {k} was not generated yet; "
                                   f"rerun expert generation (it is resumable).")
         count = 0
         try:
-            ds = tf.data.TFRecordDataset(path).map(_parse)
+            ds = tf.data.TFRecordDataset(path).skip(start).map(_parse)
             for theta, epoch, expert in (ds if check_end else ds.take(n)):
                 if count >= n:
                     raise TrajectoryError(f"more than {n} records, metadata says epochs="
                                           f"{meta.epochs}")
-                if int(epoch) != count or int(expert) != k:
-                    raise TrajectoryError(f"record {count} has epoch {int(epoch)}, expert "
-                                          f"{int(expert)}; expected epoch {count}, expert {k}")
+                if int(epoch) != start + count or int(expert) != k:
+                    raise TrajectoryError(f"record {start + count} has epoch {int(epoch)}, expert "
+                                          f"{int(expert)}; expected epoch {start + count}, expert {k}")
                 if theta.shape != (meta.num_params,):
                     raise TrajectoryError(f"record {count} has shape {theta.shape}, expected "
                                           f"({meta.num_params},) = num_params")

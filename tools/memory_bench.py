@@ -4,6 +4,7 @@ r"""Peak memory of one synthetic update versus N (and IPC), ESP against MTT, all
     python tools/memory_bench.py --steps=10,80 --ipc=1
     python tools/memory_bench.py --methods=esp,tm --ipcs=1,10,50 --plot=memory.png
     python tools/memory_bench.py --param=latents --ipc=10 --syn_chunks=default,0   # the whole set
+    python tools/memory_bench.py --expert_counts=4,64         # memory against the number of experts
 
 Each setting runs in a fresh child process (same allocator state for all). The child builds
 ConvNet-3 on random CIFAR-10-shaped data and traces the step WITHOUT running it (oneDNN keeps
@@ -53,7 +54,13 @@ flags.DEFINE_integer("num_decoders", 4, "Latents: shared decoders (renders per c
 flags.DEFINE_list("syn_chunks", [], "Whole-set mode: one ESP update (N=1) of the whole set per value of "
                   "--syn_chunk (renders per piece of the exact gradient, 0: one piece; 'default': the "
                   "library's), ending with `IPC <ipc> ESP update peak memory, whole set: <X> GB` for the first.")
+flags.DEFINE_list("expert_counts", [], "Expert-store mode: peak memory of ESP condensation (2 iterations, "
+                  "pixels) guided by stores of these many ConvNet-size experts (4 snapshots each, random "
+                  "values), read one segment per iteration as esp_tf.train does, and loaded whole as before; "
+                  "ends with `expert store memory ratio, <last>/<first>: <x>`.")
 flags.DEFINE_integer("child", 0, "Internal: measure one setting with this N and print JSON.")
+flags.DEFINE_integer("child_experts", 0, "Internal: expert-store mode, this many experts.")
+flags.DEFINE_bool("child_stream", True, "Internal: expert-store mode, segments read per iteration.")
 flags.DEFINE_integer("child_chunk", -1, "Internal: --syn_chunk of the --child setting (-1: the library's).")
 flags.DEFINE_enum("child_method", "esp", ["esp", "tm"], "Internal: method of the --child setting.")
 FLAGS = flags.FLAGS
@@ -136,10 +143,71 @@ def _child(n_steps: int, method: str) -> dict:
             "seconds_per_update": seconds / updates, "traces": step.trace_count}
 
 
-def _measure(method: str, n: int, ipc: int, chunk: int = -1) -> dict:
+def _child_store(num_experts: int, stream: bool) -> dict:
+    """Peak memory of 2 ESP iterations guided by a store of `num_experts` experts."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from esp_tf import data as data_lib, models, segments
+    from esp_tf.methods.base import Context
+    from esp_tf.methods.esp import ESP, ESPConfig
+    from esp_tf.synthetic import PixelSynthetic
+    from esp_tf.trajectories import TrajectoryMeta, TrajectoryStore
+
+    c, hw, snapshots = FLAGS.num_classes, FLAGS.size, 4
+    rng = np.random.default_rng(0)
+    real = data_lib.RealData(
+        name="random", train_images=rng.integers(0, 256, (c * 300, hw, hw, 3), dtype=np.uint8),
+        train_labels=np.repeat(np.arange(c), 300).astype(np.int32),
+        test_images=np.zeros((c, hw, hw, 3), np.uint8), test_labels=np.arange(c, dtype=np.int32),
+        class_names=tuple(map(str, range(c))), mean=np.full(3, 0.5, np.float32),
+        std=np.full(3, 0.25, np.float32))
+    net = models.FlatModel(models.build("convnet3", (hw, hw, 3), c, width=FLAGS.width))
+    meta = TrajectoryMeta(model="convnet", model_config={}, dataset="random", input_shape=(hw, hw, 3),
+                          num_classes=c, layout=net.layout, epochs=snapshots - 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = TrajectoryStore(tmp)
+        store.initialize(meta)
+        theta = net.init([0, 0]).numpy()
+        for k in range(num_experts):                          # one expert in memory at a time
+            store.write(k, theta + 0.01 * rng.standard_normal((snapshots, theta.size), np.float32))
+        trajectories = (segments.StoreSource(store, meta, num_experts, snapshots) if stream
+                        else store.load(meta, num_snapshots=snapshots))
+        syn = PixelSynthetic(c, 1, (hw, hw, 3), init="gaussian")
+        ctx = Context(net=net, synthetic=syn, optimizers={"pixels": keras.optimizers.Adam(0.01)},
+                      sampler=data_lib.ClassBalancedSampler(real), trajectories=trajectories,
+                      segment_length=2, max_start_epoch=2, seed=0)
+        method = ESP(ctx, ESPConfig(real_per_class=FLAGS.real_per_class, inner_steps=1))
+        with open("/proc/self/clear_refs", "w") as f:      # the condensation's peak, not the writes'
+            f.write("5")
+        for it in range(2):
+            method.iteration(it, lambda: None)
+        return {"experts": num_experts, "stream": stream, "process_peak_mib": _status_kib("VmHWM") / 1024}
+
+
+def _expert_store(counts):
+    """Peak memory of condensation against the number of experts, streamed and loaded whole."""
+    print(f"Peak memory of 2 ESP iterations (pixels, IPC 1) guided by a store of ConvNet-3 width "
+          f"{FLAGS.width} experts ({FLAGS.size}x{FLAGS.size}x3, 4 snapshots each)", flush=True)
+    print(f"{'experts':>8} {'segments read per iteration MiB':>32} {'store loaded whole MiB':>23}", flush=True)
+    rows = {}
+    for k in counts:
+        rows[k] = [_measure("esp", 1, 1, child_experts=k, stream=stream) for stream in (True, False)]
+        print(f"{k:>8} {rows[k][0]['process_peak_mib']:>32.1f} {rows[k][1]['process_peak_mib']:>23.1f}",
+              flush=True)
+    lo, hi = counts[0], counts[-1]
+    whole = rows[hi][1]["process_peak_mib"] / rows[lo][1]["process_peak_mib"]
+    print(f"loaded whole (before): {hi}/{lo} peak-memory ratio {whole:.3f}", flush=True)
+    print(f"expert store memory ratio, {hi}/{lo}: "
+          f"{rows[hi][0]['process_peak_mib'] / rows[lo][0]['process_peak_mib']:.3f}", flush=True)
+
+
+def _measure(method: str, n: int, ipc: int, chunk: int = -1, child_experts: int = 0,
+             stream: bool = True) -> dict:
     """Runs one child, killing it past --max_mib; returns its row (killed=True: a lower bound)."""
     cmd = [sys.executable, os.path.abspath(__file__), f"--child={n}", f"--child_method={method}",
-           f"--ipc={ipc}", f"--child_chunk={chunk}"] + [
+           f"--ipc={ipc}", f"--child_chunk={chunk}", f"--child_experts={child_experts}",
+           f"--child_stream={stream}"] + [
                f"--{k}={getattr(FLAGS, k)}" for k in ("num_classes", "size", "width", "real_per_class",
                                                      "batch_syn", "dsa", "param", "latent_downsample",
                                                      "num_decoders")]
@@ -225,7 +293,12 @@ def _whole_set(values):
 
 def main(argv):
     if FLAGS.child:
-        print("RESULT " + json.dumps(_child(FLAGS.child, FLAGS.child_method)), flush=True)
+        result = (_child_store(FLAGS.child_experts, FLAGS.child_stream) if FLAGS.child_experts
+                  else _child(FLAGS.child, FLAGS.child_method))
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    if FLAGS.expert_counts:
+        _expert_store([int(k) for k in FLAGS.expert_counts])
         return
     if FLAGS.syn_chunks:
         _whole_set(FLAGS.syn_chunks)

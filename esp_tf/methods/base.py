@@ -6,14 +6,15 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from esp_tf import subspace
+from esp_tf import segments
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
     """What the condensation loop hands a method: the student network (`models.FlatModel`), the
     learnable synthetic set, one optimizer per optimizer group (`Method.optimizer_groups`), the
-    real-data sampler, the expert trajectories [K, S, P] (None for methods that need none), and
+    real-data sampler, the expert trajectories (an array [K, S, P] or a `segments` source such as
+    `segments.StoreSource`; None for methods that need none), and
     the run's segment and seed settings, and the tf.distribute strategy the updates are split
     across (None: one device; only methods with `data_parallel` accept one)."""
     net: object
@@ -87,15 +88,19 @@ class Method:
         return [self.context.seed + 1_000_003, n]
 
     def segment_fn(self, transform):
-        """A compiled `f(it) -> (theta_start, transform(segment), expert, start_epoch)`: the
-        expert segment of iteration `it` (seeded by (seed, it)), its first snapshot, and
-        `transform` of the whole segment [T+1, P] (e.g. its orthonormal basis)."""
+        """`f(it) -> (theta_start, transform(segment), expert, start_epoch)`: the expert segment
+        of iteration `it` (drawn from (seed, it), `segments.draw`), its first snapshot, and
+        `transform` of the whole segment [T+1, P] (e.g. its orthonormal basis; compiled once).
+        Only that segment is read from the trajectories' source (an expert store is read one
+        segment at a time, the next one in the background)."""
         ctx = self.context
-        trajs = tf.constant(ctx.trajectories, tf.float32)
+        reader = segments.Reader(segments.as_source(ctx.trajectories), ctx.seed, ctx.segment_length,
+                                 ctx.max_start_epoch)
+        compiled = tf.function(lambda segment: (segment[0], transform(segment)))
 
-        @tf.function
-        def segment_for(seed):
-            segment, k, t = subspace.select_segment(trajs, seed, ctx.segment_length, ctx.max_start_epoch)
-            return segment[0], transform(segment), k, t
+        def segment_for(it):
+            segment, k, t = reader.get(it)
+            first, out = compiled(tf.constant(segment))
+            return first, out, k, t
 
-        return lambda it: segment_for(tf.constant([ctx.seed, it], tf.int64))
+        return segment_for
