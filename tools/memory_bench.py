@@ -5,6 +5,7 @@ r"""Peak memory of one synthetic update versus N (and IPC), ESP against MTT, all
     python tools/memory_bench.py --methods=esp,tm --ipcs=1,10,50 --plot=memory.png
     python tools/memory_bench.py --param=latents --ipc=10 --syn_chunks=default,0   # the whole set
     python tools/memory_bench.py --expert_counts=4,64         # memory against the number of experts
+    python tools/memory_bench.py --paper_configs              # the paper configs' experts in memory
 
 Each setting runs in a fresh child process (same allocator state for all). The child builds
 ConvNet-3 on random CIFAR-10-shaped data and traces the step WITHOUT running it (oneDNN keeps
@@ -58,6 +59,9 @@ flags.DEFINE_list("expert_counts", [], "Expert-store mode: peak memory of ESP co
                   "pixels) guided by stores of these many ConvNet-size experts (4 snapshots each, random "
                   "values), read one segment per iteration as esp_tf.train does, and loaded whole as before; "
                   "ends with `expert store memory ratio, <last>/<first>: <x>`.")
+flags.DEFINE_bool("paper_configs", False, "Print, for every paper flagfile in configs/, the host memory "
+                  "its experts take during condensation: read one segment at a time (two segments held) "
+                  "against all experts loaded whole (before), by arithmetic from the flagfile and the model.")
 flags.DEFINE_integer("child", 0, "Internal: measure one setting with this N and print JSON.")
 flags.DEFINE_integer("child_experts", 0, "Internal: expert-store mode, this many experts.")
 flags.DEFINE_bool("child_stream", True, "Internal: expert-store mode, segments read per iteration.")
@@ -202,6 +206,34 @@ def _expert_store(counts):
           f"{rows[hi][0]['process_peak_mib'] / rows[lo][0]['process_peak_mib']:.3f}", flush=True)
 
 
+# (input shape, classes) of the paper configs' datasets (TFDS: svhn_cropped, cifar10, cifar100,
+# tiny_imagenet as prepared by esp_tf, fashion_mnist)
+_DATASETS = {"svhn_cropped": ((32, 32, 3), 10), "cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100),
+             "tiny_imagenet": ((64, 64, 3), 200), "fashion_mnist": ((28, 28, 1), 10)}
+
+
+def _paper_configs():
+    """Experts' host memory during condensation per paper flagfile, by arithmetic."""
+    import pathlib
+    from esp_tf import models, workdir
+    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    print("| config | experts | snapshots used / expert | P (floats) | all experts loaded whole (before) "
+          "| two segments (read per iteration) |")
+    print("|---|---|---|---|---|---|")
+    for path in sorted(root.glob("*.flags")):
+        f = workdir.parse_flags_file(str(path))
+        if f.get("dataset") not in _DATASETS or f.get("method", "esp") not in ("esp", "tm") or \
+                path.stem.startswith(("bench_", "fidelity_", "quickstart")):
+            continue
+        shape, classes = _DATASETS[f["dataset"]]
+        depth, width = int(f.get("depth", 3)), int(f.get("width", 128))
+        p = models.FlatModel(models.build("convnet", shape, classes, depth=depth, width=width)).num_params
+        k, t = int(f["num_experts"]), int(f.get("segment_length", 2))
+        used = int(f["max_start_epoch"]) + t                  # condense.snapshots_needed
+        whole, two = k * used * p * 4, 2 * (t + 1) * p * 4
+        print(f"| {path.stem} | {k} | {used} | {p:,} | {whole / 1e9:.1f} GB | {two / 1e6:.1f} MB |")
+
+
 def _measure(method: str, n: int, ipc: int, chunk: int = -1, child_experts: int = 0,
              stream: bool = True) -> dict:
     """Runs one child, killing it past --max_mib; returns its row (killed=True: a lower bound)."""
@@ -299,6 +331,9 @@ def main(argv):
         return
     if FLAGS.expert_counts:
         _expert_store([int(k) for k in FLAGS.expert_counts])
+        return
+    if FLAGS.paper_configs:
+        _paper_configs()
         return
     if FLAGS.syn_chunks:
         _whole_set(FLAGS.syn_chunks)
