@@ -20,7 +20,10 @@ FLAGS = flags.FLAGS
 PHASES = ("experts", "condense", "evaluate", "export")
 
 # -- data & model ------------------------------------------------------------------------
-flags.DEFINE_string("dataset", "fashion_mnist_mini", "TFDS dataset name (embedded default needs no download).")
+flags.DEFINE_string("dataset", "fashion_mnist_mini", "TFDS dataset name (embedded default needs no download), "
+                    "or folder:<dir> for your own images (one subfolder per class; README 'Your own images').")
+flags.DEFINE_integer("image_size", 0, "--dataset=folder:<dir> only: resize every image to this many pixels "
+                     "square (0: keep the images' own size, which they must then share).")
 flags.DEFINE_bool("download", True, "Download and prepare a missing dataset through TFDS, as tfds.load "
                   "does (needs network); --nodownload: only read prepared data (tests, benchmarks).")
 flags.DEFINE_string("workdir", None, "Output directory of this run (flags, checkpoints, metrics, exports).")
@@ -211,7 +214,7 @@ _AT_LEAST_ONE = ("ipc", "iterations", "segment_length", "num_experts", "expert_e
                  "eval_epochs", "eval_runs", "eval_batch", "ckpt_every", "log_every", "num_decoders",
                  "latent_downsample", "latent_channels", "decoder_hidden", "width", "depth",
                  "inner_steps", "real_per_class", "max_start_epoch")
-_AT_LEAST_ZERO = ("val_per_class", "seed", "syn_batch", "syn_chunk", "beta", "decoder_init")
+_AT_LEAST_ZERO = ("val_per_class", "seed", "syn_batch", "syn_chunk", "beta", "decoder_init", "image_size")
 _POSITIVE = ("expert_lr", "eval_lr", "inner_lr", "pixels_lr", "codes_lr", "decoders_lr",
              "student_lr_init", "student_lr_lr")
 RANGES = {**{n: (1, True) for n in _AT_LEAST_ONE}, **{n: (0, True) for n in _AT_LEAST_ZERO},
@@ -244,7 +247,12 @@ def validate(s: Settings) -> list:
     if bad:
         errors.append(f"--phases: unknown {bad}; choose from {','.join(PHASES)}")
     errors += range_errors(s)
-    if not re.fullmatch(_DATASET_NAME, s.dataset or ""):
+    if s.image_size and not (s.dataset or "").startswith("folder:"):
+        errors.append(f"--image_size={s.image_size} applies to --dataset=folder:<dir> only")
+    if (s.dataset or "").startswith("folder:"):
+        if not s.dataset[len("folder:"):]:
+            errors.append("--dataset=folder: needs a folder, e.g. --dataset=folder:~/photos")
+    elif not re.fullmatch(_DATASET_NAME, s.dataset or ""):
         errors.append(f"--dataset={s.dataset!r} is not a TFDS dataset name (name, name/config or "
                       "name:version, e.g. cifar10 or fashion_mnist:3.0.1)")
     if s.export_name is not None and not re.fullmatch(r"[a-z][a-z0-9_]*", s.export_name):

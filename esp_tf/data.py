@@ -354,6 +354,11 @@ def load(name: str, data_dir: str | None = None, *, max_train_per_class: int | N
             raise ValueError(f"{arg} must be None or >= 1, got {value}")
     if val_per_class < 0:
         raise ValueError(f"val_per_class must be >= 0, got {val_per_class}")
+    from esp_tf import folder
+    if folder.is_folder(name):           # your own images: folder:<dir>[@HxW] (esp_tf/folder.py)
+        train_images, train_labels, test_images, test_labels, names = folder.read(name)
+        return _assemble(name, train_images, train_labels, test_images, test_labels, names, None,
+                         max_train_per_class, max_test_per_class, val_per_class, zca, f"folder {name[7:]}")
     base, _ = _split_name(name)
     embedded = base.split("/")[0] in EMBEDDED_DATASETS
     data_dir = os.fspath(data_dir) if data_dir is not None else _default_data_dir()
@@ -380,8 +385,15 @@ def load(name: str, data_dir: str | None = None, *, max_train_per_class: int | N
     label = builder.info.features[_feature_keys(builder)[1]]
     num_classes = getattr(label, "num_classes", None) or int(train_labels.max()) + 1
     names = getattr(label, "names", None) or [str(i) for i in range(num_classes)]
+    return _assemble(name, train_images, train_labels, test_images, test_labels, names,
+                     _known_normalization(base), max_train_per_class, max_test_per_class, val_per_class,
+                     zca, f"{builder.data_dir} ({test_split} as test)")
 
-    known = _known_normalization(base)
+
+def _assemble(name, train_images, train_labels, test_images, test_labels, names, known,
+              max_train_per_class, max_test_per_class, val_per_class, zca, source) -> RealData:
+    """RealData from whole splits: normalisation (`known` (mean, std), else the train split's),
+    per-class limits, the validation split and ZCA, as `load` documents."""
     mean, std = (np.asarray(known[0], np.float32), np.asarray(known[1], np.float32)) if known \
         else _channel_stats(train_images)
     if mean.shape != (train_images.shape[-1],):
@@ -397,8 +409,8 @@ def load(name: str, data_dir: str | None = None, *, max_train_per_class: int | N
         val["whitening"] = fit_whitening(train_images)
     data = RealData(name, train_images, train_labels, test_images, test_labels,
                     tuple(str(n) for n in names), mean, std, **val)
-    logging.info("loaded %s from %s: train %d, val %d, test %d (%s), %d classes, images %s",
-                 name, builder.data_dir, len(train_labels), len(data.val_labels), len(test_labels), test_split,
+    logging.info("loaded %s from %s: train %d, val %d, test %d, %d classes, images %s",
+                 name, source, len(train_labels), len(data.val_labels), len(test_labels),
                  data.num_classes, data.image_shape)
     return data
 

@@ -38,7 +38,8 @@ _RERUN_SAFE = {"phases", "log_every", "ckpt_every", "restart", "jit_compile", "s
 # did: a flags.txt without the flag is compared as if it held that value. (dm_reduction: those
 # runs summed L_DM, so they resume only with --dm_reduction=sum, and the refusal names it.)
 _ADDED_FLAGS = {"val_per_class": "0", "dm_reduction": "sum", "range_map": "clip", "zca": "False",
-                "latent_channels": "", "decoder": "residual", "decoder_hidden": "16", "decoder_init": "0.1"}
+                "latent_channels": "", "decoder": "residual", "decoder_hidden": "16", "decoder_init": "0.1",
+                "image_size": "0"}
 # Evaluation settings: changing them keeps the condensation, and moves aside the outputs they made.
 _EVAL_FLAGS = ("eval_epochs", "eval_runs", "eval_batch", "eval_lr", "eval_dsa")
 _EVAL_OUTPUTS = ("eval.json", os.path.join("saved_model", "classifier"), "tfds")
@@ -168,10 +169,14 @@ def _check_data(s, real):
 def _setup(s, quiet: bool = False):
     import tensorflow as tf
     from esp_tf import data as data_lib, models
+    from esp_tf import folder
     tf.config.set_soft_device_placement(True)
+    name = folder.name_for(folder.parse(s.dataset)[0], s.image_size) if folder.is_folder(s.dataset) else s.dataset
     try:
-        real = data_lib.load(s.dataset, s.data_dir, val_per_class=s.val_per_class,
+        real = data_lib.load(name, s.data_dir, val_per_class=s.val_per_class,
                              download=s.download, zca=s.zca)
+    except folder.FolderError as e:
+        raise wd.UserError(str(e)) from e
     except ValueError as e:
         if s.val_per_class and "val_per_class" in str(e):
             raise wd.UserError(f"--{e}") from e
@@ -337,7 +342,9 @@ def phase_export(s, real, images, labels, synthetic, results):
                "'image_normalized' holds the set exactly")
     grid = export.image_grid(pixels, labels, real.num_classes)
     export.save_png(grid, _path(s, "grid.png"))
-    name = s.export_name or f"{s.method}_{real.name.split(':')[0]}_ipc{s.ipc}"
+    from esp_tf import folder
+    source = folder.short_name(real.name) if folder.is_folder(real.name) else real.name.split(':')[0]
+    name = s.export_name or f"{s.method}_{source}_ipc{s.ipc}"
     meta = {"source_dataset": real.name, "method": s.method, "param": s.param, "ipc": s.ipc,
             "flags": cli.values(s), "accuracy": results.get(s.method, {}),
             "fraction_clipped_in_uint8": round(clipped, 6),
