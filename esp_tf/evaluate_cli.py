@@ -129,29 +129,18 @@ def main(argv):
     print(wd.results_table(results), flush=True)
 
 
-def _user_errors() -> tuple:
-    """The errors that are the user's to fix; esp_tf.data (TensorFlow) is imported only once
-    one is raised, so --help stays fast."""
+def _late_user_errors() -> tuple:
+    """The user's errors that live in modules importing TensorFlow (see workdir.run_cli)."""
     from esp_tf.data import DatasetNotFoundError
-    return wd.UserError, DatasetNotFoundError, OSError
+    return (DatasetNotFoundError,)
 
 
 def run():
-    """Entry point: bad input (flags, data, condensed set) exits 2 with a message, no traceback."""
-    from absl import app
-    try:
-        app.run(main, flags_parser=wd.flags_parser(__doc__, __name__, RENAMED_FLAGS))
-    except SystemExit:          # --help, usage errors: before the clauses below import anything
-        raise
-    except _user_errors() as e:
-        if FLAGS.is_parsed() and FLAGS.verbose:
-            import traceback
-            traceback.print_exc()
-        wd.fail(str(e) if not isinstance(e, OSError) else f"{e.strerror or e}: {e.filename or ''}")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        wd.fail("interrupted; results already merged into --output are kept")
-        sys.exit(130)
+    """Entry point: every error is one line (workdir.run_cli): exit 2 for bad input (flags, data,
+    condensed set), 130 for Ctrl-C, 1 for the rest."""
+    wd.run_cli(main, wd.flags_parser(__doc__, __name__, RENAMED_FLAGS),
+               interrupted="interrupted; results already merged into --output are kept",
+               late_user_errors=_late_user_errors)
 
 
 if __name__ == "__main__":

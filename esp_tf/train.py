@@ -13,9 +13,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import sys
-import traceback
-
 from absl import app, logging
 
 from esp_tf import cli, workdir as wd
@@ -42,49 +39,18 @@ def main(argv):
 
 
 def _late_user_errors() -> tuple:
-    """The user's errors that live in modules importing TensorFlow: looked up only for an error
-    that is neither a UserError nor an OSError, so neither those nor Ctrl-C wait for TensorFlow
-    to load (or fail because it is half loaded)."""
+    """The user's errors that live in modules importing TensorFlow (see workdir.run_cli)."""
     from esp_tf.data import DatasetNotFoundError
     from esp_tf.experts import WeakExpertError
     from esp_tf.trajectories import TrajectoryError
     return DatasetNotFoundError, TrajectoryError, WeakExpertError
 
 
-def _fail_user(e, verbose) -> None:
-    if verbose():
-        traceback.print_exc()
-    wd.fail(str(e) if not isinstance(e, OSError) else
-            f"{e.strerror or e}: {e.filename or ''} (free disk space or fix the permissions, then "
-            "rerun the same command: it resumes)")
-    sys.exit(2)
-
-
 def run():
-    verbose = lambda: FLAGS.is_parsed() and FLAGS.verbose     # noqa: E731
-    try:
-        app.run(main, flags_parser=wd.flags_parser(__doc__, cli.__name__, wd.RENAMED_TRAIN_FLAGS))
-    except SystemExit:          # --help, usage errors: before the clauses below import anything
-        raise
-    except (wd.UserError, OSError) as e:   # no traceback, exit 2
-        _fail_user(e, verbose)
-    except KeyboardInterrupt:
-        if verbose():
-            traceback.print_exc()
-        wd.fail("interrupted. Rerun the same command to resume: finished experts and phases are kept "
-                "and the condensation continues from its last checkpoint.")
-        sys.exit(130)      # the shell's convention for a SIGINT exit
-    except Exception as e:
-        tf = sys.modules.get("tensorflow")       # imported by then if the error comes from it
-        if tf is not None and isinstance(e, _late_user_errors()):
-            _fail_user(e, verbose)
-        if tf is None or not isinstance(e, tf.errors.ResourceExhaustedError):
-            raise
-        if verbose():                            # a full disk under a checkpoint write, or memory
-            traceback.print_exc()
-        wd.fail(f"{e.message.splitlines()[0][:300]}: out of disk space or memory. Free some and rerun "
-                "the same command: it resumes from the last checkpoint.")
-        sys.exit(2)
+    wd.run_cli(main, wd.flags_parser(__doc__, cli.__name__, wd.RENAMED_TRAIN_FLAGS),
+               interrupted="interrupted. Rerun the same command to resume: finished experts and phases "
+                           "are kept and the condensation continues from its last checkpoint.",
+               late_user_errors=_late_user_errors)
 
 
 if __name__ == "__main__":

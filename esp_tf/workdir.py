@@ -259,6 +259,47 @@ def fail(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr, flush=True)
 
 
+def run_cli(main, flags_parser, *, interrupted: str, late_user_errors=tuple) -> None:
+    """The one error boundary of esp_tf's command lines: `app.run(main)`, and every error that
+    reaches it becomes one `error:` line on stderr. Exit 2: the user's to fix (UserError,
+    OSError such as a full disk, `late_user_errors()` — error classes of modules that load
+    TensorFlow, looked up only once TensorFlow is loaded — and ResourceExhausted); 130: Ctrl-C
+    (`interrupted` says what is kept), which never imports anything; 1: anything else, named by
+    its type and first line. `--verbose` adds the traceback."""
+    import traceback
+    from absl import app, flags
+
+    def verbose():
+        return flags.FLAGS.is_parsed() and "verbose" in flags.FLAGS and flags.FLAGS.verbose
+
+    def stop(message, code):
+        if verbose():
+            traceback.print_exc()
+        fail(message)
+        sys.exit(code)
+
+    try:
+        app.run(main, flags_parser=flags_parser)
+    except SystemExit:          # --help, usage errors: before the clauses below import anything
+        raise
+    except (UserError, OSError) as e:
+        stop(str(e) if not isinstance(e, OSError) else
+             f"{e.strerror or e}: {e.filename or ''} (free disk space or fix the permissions, then "
+             "rerun the same command: it resumes)", 2)
+    except KeyboardInterrupt:
+        stop(interrupted, 130)
+    except Exception as e:
+        tf = sys.modules.get("tensorflow")       # imported by then if the error comes from it
+        if tf is not None and isinstance(e, late_user_errors()):
+            stop(str(e), 2)
+        if tf is not None and isinstance(e, tf.errors.ResourceExhaustedError):
+            stop(f"{e.message.splitlines()[0][:300]}: out of disk space or memory. Free some and rerun "
+                 "the same command: it resumes from the last checkpoint.", 2)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        stop(f"unexpected {type(e).__name__}: {first} (rerun with --verbose for the traceback, and "
+             "please report it with that command)", 1)
+
+
 HELP_FLAGS = ("-h", "-?", "--help", "--helpshort")
 
 

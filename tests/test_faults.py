@@ -609,3 +609,14 @@ def test_9_condensation_refuses_a_store_that_lost_an_expert_after_the_experts_ph
     out = _train(tmp, [f"--workdir={work}", f"--experts_dir={store}"] + TINY, patch=patch)
     _refused(out, "--num_experts=1 but 1 of them are not in", "expert 0", "trains only the missing ones")
     assert not (work / "synthetic.npz").exists()
+
+
+def test_8_an_unexpected_error_is_one_line_with_exit_1_and_verbose_shows_the_traceback(tmp_path):
+    patch = ("from esp_tf import pipeline\n"
+             "def boom(*a, **k):\n    raise RuntimeError('boom\\nsecond line')\n"
+             "pipeline.run = boom\n")
+    out = _train(tmp_path, [f"--workdir={tmp_path / 'w'}"] + TINY, patch=patch)
+    line = _refused(out, "unexpected RuntimeError: boom", "--verbose", code=1)
+    assert "second line" not in line
+    out = _train(tmp_path, [f"--workdir={tmp_path / 'w'}", "--verbose"] + TINY, patch=patch)
+    assert out.returncode == 1 and "Traceback" in out.stderr
