@@ -189,7 +189,15 @@ def _from_published(path, data_dir, source_dataset) -> CondensedSet:
 
 def resolve(spec: str, data_dir: str | None = None, source_dataset: str | None = None) -> CondensedSet:
     """Reads the condensed set `spec` (a workdir, a prepared TFDS directory, a TFDS name or a
-    published `.npz`)."""
+    published `.npz`). A set without images is a UserError: nothing can be trained on it."""
+    cset = _resolve(spec, data_dir, source_dataset)
+    if len(cset.labels) == 0:
+        raise UserError(f"the condensed set {spec} holds no images; condense again (or point "
+                        "--condensed at the set you meant)")
+    return cset
+
+
+def _resolve(spec: str, data_dir: str | None, source_dataset: str | None) -> CondensedSet:
     import tensorflow_datasets as tfds
     if os.path.isfile(spec) and spec.endswith(".npz"):
         return _from_published(spec, data_dir, source_dataset)

@@ -265,7 +265,19 @@ def _get_builder(name: str, data_dir: str, embedded: bool):
     # data or unknown versions.
     except (tfds.core.registered.DatasetNotFoundError, AssertionError) as e:
         raise _not_found(name, data_dir, str(e).split("\n")[0]) from e
+    except DatasetNotFoundError:
+        raise
+    except Exception as e:       # a damaged dataset_info.json / features.json (a protobuf ParseError...)
+        raise _damaged(name, os.path.join(data_dir, name.split(":")[0]), e) from e
     return builder
+
+
+def _damaged(name: str, where: str, e: Exception) -> DatasetNotFoundError:
+    from esp_tf.workdir import error_text
+    return DatasetNotFoundError(
+        f"the prepared dataset {name} in {where} is damaged ({error_text(e)}); move that "
+        "folder aside and prepare it again (rerun with --download, or `tfds build`; the embedded "
+        "default is prepared again from the package)")
 
 
 def _feature_keys(builder) -> tuple:
@@ -285,7 +297,10 @@ def _read_split(builder, split: str):
     if image_key not in features or label_key not in features:
         raise ValueError(f"{builder.info.full_name} is not an image-classification dataset "
                          f"(needs features {image_key!r} and {label_key!r}, has {list(features)})")
-    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+    try:
+        arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+    except tf.errors.OpError as e:          # a truncated or corrupt TFRecord shard (DataLossError)
+        raise _damaged(builder.info.full_name, builder.data_dir, e) from e
     images, labels = arrays[image_key], arrays[label_key].astype(np.int32)
     if images.ndim == 3:
         images = images[..., None]

@@ -18,14 +18,17 @@ def _write_atomic(module: tf.Module, path: str, signatures: dict) -> str:
     """tf.saved_model.save into a sibling temp dir, then swap it into place (a SavedModel is a
     directory, so this is the directory counterpart of workdir.atomic_write). `path` may be a
     filesystem URL (gs://...): there the swap copies the files (`fs.move_tree`), so a reader
-    during the swap may see a partial directory; a killed run leaves `<path>.tmp`/`.old`, which
-    the next export replaces."""
+    during the swap may see a partial directory; a killed run leaves a hidden `.<name>.tmp` or
+    `.<name>.old` beside it, which the next export of the same path replaces."""
     path = fs.absolute(path).rstrip("/")
-    tmp = path + ".tmp"
+    parent, name = path.rsplit("/", 1)
+    # hidden names: an interrupted export leaves no second SavedModel beside the first, and the
+    # next export of the same path replaces what it left
+    tmp = f"{parent}/.{name}.tmp"
     if fs.exists(tmp):
         fs.rmtree(tmp)
     tf.saved_model.save(module, tmp, signatures=signatures)
-    old = path + ".old"
+    old = f"{parent}/.{name}.old"
     if fs.exists(old):
         fs.rmtree(old)
     if fs.exists(path):

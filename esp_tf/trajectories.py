@@ -30,7 +30,6 @@ FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 _EXPERT_RE = re.compile(r"^expert_(\d{5,})\.tfrecord$")   # final files only; temp files start with "."
 _REGENERATE = "delete it and rerun expert generation (it is resumable: finished experts are kept)"
-_TF_NOISE = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", re.S)
 _FEATURES = {
     "theta": tf.io.FixedLenFeature([], tf.string),
     "epoch": tf.io.FixedLenFeature([], tf.int64),
@@ -301,9 +300,7 @@ class TrajectoryStore:
                 out[count] = theta.numpy()
                 count += 1
         except (TrajectoryError, tf.errors.OpError) as e:
-            why = str(e)
-            if isinstance(e, tf.errors.OpError):   # drop TF's op-name decorations
-                why = type(e).__name__ + ": " + _TF_NOISE.sub("", e.message).strip()
+            why = wd.error_text(e, limit=10_000) if isinstance(e, tf.errors.OpError) else str(e)
             raise TrajectoryError(f"{path} is corrupt or does not match {self.meta_path} "
                                   f"({why}); {_REGENERATE}.") from None
         if count < n:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import textwrap
 import time
@@ -38,9 +39,12 @@ def atomic_write(path: str, write_fn) -> None:
         write_fn(tmp)
         fs.fsync(tmp)                 # data on disk before the rename makes it visible
         fs.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if fs.exists(tmp):
             fs.remove(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):
+            # a full disk under write() names no file: say which result could not be written
+            raise OSError(e.errno, f"{e.strerror or e} while writing {path}", path) from e
         raise
 
 
@@ -57,6 +61,16 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+_TF_NOISE = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", re.S)
+
+
+def error_text(e: Exception, limit: int = 200) -> str:
+    """`Type: first line` of an exception, without TensorFlow's op-name decorations."""
+    text = getattr(e, "message", None) or str(e)
+    text = _TF_NOISE.sub("", text).strip()
+    return f"{type(e).__name__}: {(text.splitlines() or [''])[0][:limit]}"
 
 
 LOCK_NAME = ".esp_tf.lock"
@@ -331,6 +345,10 @@ def parse_argv(argv, aliases: dict | None = None):
         return flags.FLAGS(argv)
     except flags.Error as e:
         raise UserError(f"{e}. `--helpfull` lists every flag") from e
+    except UnicodeDecodeError as e:         # a --flagfile that is not text
+        files = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--flagfile=")]
+        raise UserError(f"a --flagfile is not a text file ({', '.join(files) or 'flagfile'}: {e.reason} "
+                        f"at byte {e.start}); give a text file of --flag=value lines") from e
 
 
 def _rename_aliases(args: list, aliases: dict) -> list:

@@ -620,3 +620,48 @@ def test_8_an_unexpected_error_is_one_line_with_exit_1_and_verbose_shows_the_tra
     assert "second line" not in line
     out = _train(tmp_path, [f"--workdir={tmp_path / 'w'}", "--verbose"] + TINY, patch=patch)
     assert out.returncode == 1 and "Traceback" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Damaged inputs that gave tracebacks (issue 22)
+# ---------------------------------------------------------------------------------------------
+def test_10_a_binary_flagfile_is_one_line(tmp_path):
+    (tmp_path / "bin.flags").write_bytes(b"\x00\x01binary\xff\xfe")
+    _refused(_train(tmp_path, [f"--flagfile={tmp_path / 'bin.flags'}"]), "not a text file", "bin.flags")
+
+
+@pytest.mark.parametrize("damage", ["truncated_tfrecord", "dataset_info"])
+def test_10_a_damaged_prepared_dataset_is_one_line_naming_its_folder(finished, tmp_path, damage):
+    tmp, _ = finished
+    data = tmp_path / "tfds"
+    shutil.copytree(tmp / "tfds", data)
+    version = next(data.glob("fashion_mnist_mini/*/dataset_info.json")).parent
+    if damage == "truncated_tfrecord":
+        shard = next(version.glob("*train.tfrecord*"))
+        shard.write_bytes(shard.read_bytes()[:100_000])
+    else:
+        (version / "dataset_info.json").write_text('{"name": "fashion')
+    out = subprocess.run([sys.executable, "-m", "esp_tf.train", f"--data_dir={data}",
+                          f"--workdir={tmp_path / 'w'}"] + TINY, cwd=REPO, env=_env(tmp),
+                         capture_output=True, text=True, timeout=600)
+    line = _refused(out, "is damaged", "move that folder aside")
+    assert "function_node" not in line
+
+
+def test_10_evaluating_a_set_without_images_is_one_line(tmp_path):
+    np.savez(tmp_path / "empty.npz", pixels=np.zeros((0, 28, 28, 1), np.uint8), labels=np.zeros((0,), np.int32),
+             source_dataset=np.array("fashion_mnist_mini"))
+    _refused(_evaluate(tmp_path, [f"--condensed={tmp_path / 'empty.npz'}"]), "holds no images")
+
+
+def test_10_a_full_disk_under_our_own_writes_names_the_file(tmp_path, monkeypatch):
+    import errno
+    from esp_tf import fs, workdir
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(fs, "fsync", full)
+    with pytest.raises(OSError) as raised:
+        workdir.atomic_write_text(str(tmp_path / "eval.json"), "{}")
+    assert raised.value.filename == str(tmp_path / "eval.json") and "No space left" in raised.value.strerror
+    assert not list(tmp_path.iterdir())                          # no temp file left behind

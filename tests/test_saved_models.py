@@ -66,3 +66,17 @@ def test_re_export_replaces_the_previous_savedmodel_atomically(tmp_path):
     out = tf.saved_model.load(path).signatures["render"]()
     np.testing.assert_array_equal(out["images"].numpy(), np.zeros((2, 4, 4, 3), np.float32))
     assert sorted(os.listdir(tmp_path)) == ["gen"]
+
+
+def test_an_interrupted_export_leaves_no_second_savedmodel_and_the_next_export_replaces_it(tmp_path):
+    import tensorflow as tf
+    from esp_tf import saved_models
+    module = tf.Module()
+    module.f = tf.function(lambda: tf.constant(1.0), input_signature=[])
+    target = tmp_path / "saved_model" / "classifier"
+    target.parent.mkdir()
+    (target.parent / ".classifier.tmp").mkdir()                 # what a killed export leaves
+    (target.parent / ".classifier.tmp" / "saved_model.pb").write_bytes(b"half")
+    saved_models._write_atomic(module, str(target), {"f": module.f})
+    assert sorted(p.name for p in target.parent.iterdir()) == ["classifier"]
+    assert float(tf.saved_model.load(str(target)).signatures["f"]()["output_0"]) == 1.0
