@@ -219,12 +219,17 @@ _POSITIVE = ("expert_lr", "eval_lr", "inner_lr", "pixels_lr", "codes_lr", "decod
              "student_lr_init", "student_lr_lr")
 RANGES = {**{n: (1, True) for n in _AT_LEAST_ONE}, **{n: (0, True) for n in _AT_LEAST_ZERO},
           **{n: (0, False) for n in _POSITIVE}}
+# Upper bounds of the learning rates, far above any published setting (SGD 0.01-0.1 for networks,
+# Adam 0.01-0.1 for codes and decoders, MTT's pixel lr up to 1,000): a larger value only makes a
+# run that diverges, or one whose networks die silently at chance accuracy.
+MAXIMA = {"expert_lr": 10.0, "eval_lr": 10.0, "inner_lr": 100.0, "codes_lr": 10.0, "decoders_lr": 10.0,
+          "student_lr_init": 10.0, "student_lr_lr": 10.0, "pixels_lr": 1e5}
 # A TFDS name (name, name/config, name:version, name/config:version), or the embedded default.
 _DATASET_NAME = r"[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:[0-9]+\.[0-9]+\.[0-9]+|:[0-9]+\.\*\.\*)?"
 
 
 def range_errors(s) -> list:
-    """A message for every numeric flag outside its range (RANGES), naming the flag."""
+    """A message for every numeric flag outside its range (RANGES, MAXIMA), naming the flag."""
     errors = []
     for name, (low, inclusive) in RANGES.items():
         value = getattr(s, name)
@@ -234,6 +239,8 @@ def range_errors(s) -> list:
             continue                      # reported as not finite below
         if value < low or (value == low and not inclusive):
             errors.append(f"--{name} must be {'>=' if inclusive else '>'} {low}, got {value}")
+        elif name in MAXIMA and value > MAXIMA[name]:
+            errors.append(f"--{name} must be <= {MAXIMA[name]:g} (a larger one only diverges), got {value:g}")
     return errors
 
 

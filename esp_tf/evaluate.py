@@ -150,6 +150,10 @@ def array_epochs(images, labels, batch_size: int, seed: int):
     return batches
 
 
+class EvaluationDiverged(FloatingPointError):
+    """An evaluation run whose training loss became non-finite: its accuracy would mean nothing."""
+
+
 def train_and_test(trainer: Trainer, batches, test, seed: int, on_epoch=None) -> float:
     """Trains trainer's network from init `seed` on `batches(epoch)`; returns real test accuracy.
 
@@ -166,7 +170,9 @@ def train_and_test(trainer: Trainer, batches, test, seed: int, on_epoch=None) ->
         if on_epoch:
             on_epoch(epoch + 1)
     if loss is None or not np.isfinite(float(loss)):
-        raise FloatingPointError(f"evaluation run seed {seed}: training loss is {loss}")
+        raise EvaluationDiverged(f"the evaluation network of seed {seed} diverged on the condensed set "
+                                 f"(training loss {None if loss is None else float(loss)}); lower --eval_lr "
+                                 f"(now {cfg.lr}) or check the set")
     return accuracy_on(trainer, test)
 
 

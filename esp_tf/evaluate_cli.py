@@ -132,7 +132,8 @@ def main(argv):
 def _late_user_errors() -> tuple:
     """The user's errors that live in modules importing TensorFlow (see workdir.run_cli)."""
     from esp_tf.data import DatasetNotFoundError
-    return (DatasetNotFoundError,)
+    from esp_tf.evaluate import EvaluationDiverged
+    return DatasetNotFoundError, EvaluationDiverged
 
 
 def run():

@@ -41,9 +41,10 @@ def main(argv):
 def _late_user_errors() -> tuple:
     """The user's errors that live in modules importing TensorFlow (see workdir.run_cli)."""
     from esp_tf.data import DatasetNotFoundError
+    from esp_tf.evaluate import EvaluationDiverged
     from esp_tf.experts import WeakExpertError
     from esp_tf.trajectories import TrajectoryError
-    return DatasetNotFoundError, TrajectoryError, WeakExpertError
+    return DatasetNotFoundError, TrajectoryError, WeakExpertError, EvaluationDiverged
 
 
 def run():

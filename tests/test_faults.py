@@ -665,3 +665,20 @@ def test_10_a_full_disk_under_our_own_writes_names_the_file(tmp_path, monkeypatc
         workdir.atomic_write_text(str(tmp_path / "eval.json"), "{}")
     assert raised.value.filename == str(tmp_path / "eval.json") and "No space left" in raised.value.strerror
     assert not list(tmp_path.iterdir())                          # no temp file left behind
+
+
+def test_10_huge_learning_rates_are_refused_before_any_work_and_keep_the_run(run_copy):
+    tmp, work, before = run_copy
+    for flag in ("--eval_lr=1e30", "--codes_lr=1e3", "--inner_lr=1e9", "--pixels_lr=1e9"):
+        _refused(_train(tmp, [f"--workdir={work}"] + TINY + [flag]), flag.split("=")[0], "must be <=")
+    assert _snapshot(work) == before
+
+
+def test_10_a_diverged_evaluation_run_is_a_named_error_not_a_number():
+    import tensorflow as tf
+    from esp_tf import evaluate
+    trainer = evaluate.Trainer(evaluate.EvalConfig(arch="convnet_tiny", epochs=1, dsa=None), (8, 8, 1), 2)
+    x = np.full((4, 8, 8, 1), np.nan, np.float32)               # a NaN set trains into NaN
+    batches = lambda epoch: [(tf.constant(x), tf.constant([0, 1, 0, 1]))]
+    with pytest.raises(evaluate.EvaluationDiverged, match="diverged.*--eval_lr"):
+        evaluate.train_and_test(trainer, batches, (x, np.array([0, 1, 0, 1])), seed=0)
