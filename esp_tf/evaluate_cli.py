@@ -103,7 +103,7 @@ def main(argv):
     # --eval_batch / --eval_lr / --eval_epochs default to the protocol's unless given
     overrides = {k: getattr(F, f) for k, f in (("batch_size", "eval_batch"), ("lr", "eval_lr")) if F[f].present}
     epochs = F.eval_epochs if F["eval_epochs"].present or not F.full else 50
-    results = (wd.read_json(F.output) if F.output else None) or {}   # fails early if corrupt
+    results = wd.read_results(F.output) if F.output else {}   # fails early if damaged
     test_x = data_lib.test_dataset(real, 1000)
     for k, arch in enumerate(F.eval_archs):
         config = protocol_config(F.protocol, arch, epochs, F.eval_dsa, **overrides)

@@ -297,7 +297,7 @@ def phase_evaluate(s, real, net, store, images, labels):
     config = cli.eval_config(s)
     test_x = data_lib.to_model_array(real, real.test_images)
     val = data_lib.val_dataset(real)
-    results = wd.read_json(_path(s, "eval.json")) or {}
+    results = wd.read_results(_path(s, "eval.json"))
     sets = {s.method: (images, labels), **_baseline_sets(s, real, net, store)}
     for method, (x, y) in sets.items():
         if config.arch in results.get(method, {}):
@@ -305,9 +305,12 @@ def phase_evaluate(s, real, net, store, images, labels):
             continue
         bar = wd.Progress(f"eval {method}", s.eval_runs)
 
-        # The classifier of an earlier --eval_arch is kept: another architecture gets its own folder.
+        # The classifier of an earlier --eval_arch is kept: another architecture gets its own
+        # folder. One left by an interrupted evaluation of this architecture (none other is in
+        # eval.json) is replaced, so no second classifier appears beside it.
         classifier = _path(s, "saved_model", "classifier")
-        if os.path.exists(classifier):
+        others = {a for per in results.values() for a in per} - {config.arch}
+        if others and os.path.exists(classifier):
             classifier = _path(s, "saved_model", f"classifier_{config.arch}")
 
         def export_first(i, model, acc, method=method):

@@ -136,6 +136,21 @@ class WorkdirLock:
         return False
 
 
+def read_results(path: str) -> dict:
+    """A results file (eval.json, esp_tf.evaluate --output): {method: {arch: {"accuracies",
+    "mean", "std", ...}}}, {} when it does not exist. Any other content is a UserError naming the
+    file (it is kept): a damaged results file must not be merged into or printed."""
+    obj = read_json(path) or {}
+    ok = isinstance(obj, dict) and all(
+        isinstance(per, dict) and all(isinstance(cell, dict) and {"accuracies", "mean", "std"} <= set(cell)
+                                      for cell in per.values()) for per in obj.values())
+    if not ok:
+        raise UserError(f"{path} is not a results file ({{method: {{architecture: {{accuracies, mean, "
+                        "std}}}}}}); move it aside (it is kept for you to inspect) and rerun the same command "
+                        "to recompute it")
+    return obj
+
+
 def merge_json_cell(path: str, row: str, column: str, value) -> dict:
     """Sets obj[row][column] = value in the JSON file at `path` (created if missing) and returns
     the merged object. The file is re-read under an exclusive lock right before the atomic
@@ -145,7 +160,7 @@ def merge_json_cell(path: str, row: str, column: str, value) -> dict:
     with open(path + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            obj = read_json(path) or {}
+            obj = read_results(path)
             obj.setdefault(row, {})[column] = value
             write_json(path, obj)
         finally:

@@ -682,3 +682,15 @@ def test_10_a_diverged_evaluation_run_is_a_named_error_not_a_number():
     batches = lambda epoch: [(tf.constant(x), tf.constant([0, 1, 0, 1]))]
     with pytest.raises(evaluate.EvaluationDiverged, match="diverged.*--eval_lr"):
         evaluate.train_and_test(trainer, batches, (x, np.array([0, 1, 0, 1])), seed=0)
+
+
+def test_10_an_interrupted_evaluation_replaces_its_own_classifier_and_a_damaged_results_file_is_named(run_copy):
+    tmp, work, before = run_copy
+    (work / "eval.json").unlink()            # killed after the classifier export, before eval.json
+    _ok(_train(tmp, [f"--workdir={work}"] + TINY))
+    assert sorted(p.name for p in (work / "saved_model").iterdir()) == ["classifier", "generator"]
+    assert json.loads((work / "eval.json").read_text()).keys() == json.loads(before["eval.json"]).keys()
+    (work / "eval.json").write_text('{"esp": [1, 2]}')
+    line = _refused(_train(tmp, [f"--workdir={work}", "--eval_runs=2"] + TINY), "is not a results file",
+                    "move it aside")
+    assert (work / "eval.json").read_text() == '{"esp": [1, 2]}'          # kept
