@@ -205,16 +205,9 @@ def test_2_no_intact_checkpoint_is_an_error_that_keeps_the_results(run_copy):
     (["--ipc=301"], ["--ipc=301", "300 train images"]),
     (["--dataset=fashion_mnst"], ["fashion_mnst"]),
     (["--val_per_class=300"], ["--val_per_class=300", "smallest class", "use fewer"]),
-    # issue 22: flags that ran to exit 0 with meaningless results, or gave tracebacks
-    (["--depth=0"], ["--depth must be >= 1, got 0"]),
-    (["--width=-3"], ["--width must be >= 1, got -3"]),
-    (["--expert_batch=0"], ["--expert_batch must be >= 1"]),
-    (["--eval_lr=-1"], ["--eval_lr must be > 0, got -1.0"]),
-    (["--expert_lr=0"], ["--expert_lr must be > 0"]),
-    (["--seed=-1"], ["--seed must be >= 0"]),
-    (["--codes_lr=-0.1"], ["--codes_lr must be > 0"]),
-    (["--dataset="], ["--dataset=''", "TFDS dataset name"]),
-    (["--dataset=../etc"], ["--dataset='../etc'", "TFDS dataset name"]),
+    # issue 22: flags that ran to exit 0 with meaningless results, or gave tracebacks (the
+    # command line once; every flag of the table in test_3_every_out_of_range_flag_is_named)
+    (["--depth=0", "--eval_lr=-1"], ["--depth must be >= 1, got 0", "--eval_lr must be > 0, got -1.0"]),
     (["--export_name=My Set"], ["--export_name='My Set'", "snake_case"]),
 ])
 def test_3_bad_settings_fail_before_any_work_and_write_no_flags_txt(tmp_path, bad, words):
@@ -222,6 +215,25 @@ def test_3_bad_settings_fail_before_any_work_and_write_no_flags_txt(tmp_path, ba
     out = _train(tmp_path, [f"--workdir={work}"] + TINY + bad)
     _refused(out, *words)
     assert not (work / "flags.txt").exists() and not (work / "experts").exists()
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(depth=0), "--depth must be >= 1, got 0"), (dict(width=-3), "--width must be >= 1, got -3"),
+    (dict(expert_batch=0), "--expert_batch must be >= 1"), (dict(eval_lr=-1.0), "--eval_lr must be > 0"),
+    (dict(expert_lr=0.0), "--expert_lr must be > 0"), (dict(seed=-1), "--seed must be >= 0"),
+    (dict(codes_lr=-0.1), "--codes_lr must be > 0"), (dict(eval_lr=1e30), "--eval_lr must be <= 10"),
+    (dict(codes_lr=1e3), "--codes_lr must be <= 10"), (dict(inner_lr=1e9), "--inner_lr must be <= 100"),
+    (dict(pixels_lr=1e9), "--pixels_lr must be <= 100000"), (dict(image_size=-1), "--image_size must be >= 0"),
+    (dict(dataset=""), "--dataset='' is not a TFDS dataset name"),
+    (dict(dataset="../etc"), "--dataset='../etc' is not a TFDS dataset name"),
+    (dict(dataset="folder:"), "--dataset=folder: needs a folder"),
+    (dict(image_size=32), "--image_size=32 applies to --dataset=folder:<dir> only"),
+])
+def test_3_every_out_of_range_flag_is_named_before_any_work(tmp_path, bad, message):
+    from esp_tf import cli
+    errors = cli.validate(cli.settings(workdir=str(tmp_path), **bad))
+    assert any(message in e for e in errors), errors
+    assert cli.validate(cli.settings(workdir=str(tmp_path))) == []
 
 
 def test_3_changing_only_evaluation_flags_keeps_the_condensation(run_copy):
@@ -667,10 +679,9 @@ def test_10_a_full_disk_under_our_own_writes_names_the_file(tmp_path, monkeypatc
     assert not list(tmp_path.iterdir())                          # no temp file left behind
 
 
-def test_10_huge_learning_rates_are_refused_before_any_work_and_keep_the_run(run_copy):
-    tmp, work, before = run_copy
-    for flag in ("--eval_lr=1e30", "--codes_lr=1e3", "--inner_lr=1e9", "--pixels_lr=1e9"):
-        _refused(_train(tmp, [f"--workdir={work}"] + TINY + [flag]), flag.split("=")[0], "must be <=")
+def test_10_a_huge_learning_rate_is_refused_before_any_work_and_keeps_the_run(run_copy):
+    tmp, work, before = run_copy          # every bound: test_3_every_out_of_range_flag_is_named
+    _refused(_train(tmp, [f"--workdir={work}"] + TINY + ["--eval_lr=1e30"]), "--eval_lr", "must be <=")
     assert _snapshot(work) == before
 
 
