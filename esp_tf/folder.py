@@ -2,10 +2,12 @@
 
     <dir>/<class>/*.png|jpg|jpeg|bmp|gif             a seeded, class-balanced test split is held out
     <dir>/train/<class>/...  and  <dir>/test/<class>/...    the given splits are used as they are
+                             (or val/ for test/, as ImageNette's imagenette2 archives have it)
 
 Classes are the subfolder names, sorted (label i = the i-th name). Images are decoded by
 TensorFlow (`tf.io.decode_image`), kept as uint8 and held in memory like any loaded dataset.
-They must share one size, or be resized to `image_size` x `image_size` (`--image_size`;
+They must share one size, or be resized to `image_size` x `image_size` (`--image_size`; a
+non-square image is first cropped to its central square, as ImageNet subsets are prepared;
 area-averaging when shrinking, bilinear when growing): the size is then part of the dataset's
 name (`folder:<dir>@<H>x<W>`), so experts, exports and `esp_tf.evaluate` see the same images.
 Grey images become RGB when any image of the folder has colour; alpha is dropped.
@@ -95,6 +97,10 @@ def _finish(images: list, paths: list, size, channels: int) -> np.ndarray:
         if channels == 3 and image.shape[-1] == 1:
             image = np.repeat(image, 3, axis=-1)
         if size is not None and image.shape[:2] != size:
+            h, w = image.shape[:2]
+            if size[0] == size[1] and h != w:                 # central square first
+                side = min(h, w)
+                image = image[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
             shrink = image.shape[0] >= size[0] and image.shape[1] >= size[1]
             image = tf.image.resize(image, size, method="area" if shrink else "bilinear")
             image = np.clip(np.round(image.numpy()), 0, 255).astype(np.uint8)
@@ -118,6 +124,8 @@ def read(name: str):
         raise FolderError(f"--dataset=folder:{directory}: no such folder; give a folder with one "
                           "subfolder of images per class")
     train_dir, test_dir = os.path.join(directory, "train"), os.path.join(directory, "test")
+    if not os.path.isdir(test_dir) and os.path.isdir(os.path.join(directory, "val")):
+        test_dir = os.path.join(directory, "val")
     if os.path.isdir(train_dir):
         train = _classes(train_dir)
         test = _classes(test_dir) if os.path.isdir(test_dir) else None

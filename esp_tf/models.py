@@ -94,6 +94,7 @@ ARCHS: dict[str, Callable[..., keras.Model]] = {
     "convnet": convnet,
     "convnet3": lambda s, c, **kw: convnet(s, c, **{"depth": 3, **kw}),
     "convnet4": lambda s, c, **kw: convnet(s, c, **{"depth": 4, **kw}),   # 64x64 inputs (Tiny ImageNet)
+    "convnet5": lambda s, c, **kw: convnet(s, c, **{"depth": 5, **kw}),   # 128x128 (ImageNet subsets, MTT)
     "convnet_tiny": lambda s, c, **kw: convnet(s, c, **{"width": 8, "depth": 2, **kw}),
 }
 from esp_tf import archs as _archs  # noqa: E402  (ResNet-10, DenseNet-121, EfficientNetV2-S)

@@ -89,3 +89,16 @@ def test_a_folder_condenses_end_to_end_and_tfds_load_reads_the_result(tmp_path):
                       f"--workdir={tmp_path / 'w2'}"] + TINY)
     assert bad.returncode == 2 and "no such folder" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "w2" / "flags.txt").exists()
+
+
+def test_a_val_split_is_the_test_split_and_non_square_images_are_centre_cropped_before_resizing(tmp_path):
+    root = _make(tmp_path / "nette", per_class=2, size=(20, 40), split="train")
+    _make(root, per_class=1, size=(20, 40), split="val")
+    for name in COLOURS:                     # a marker in the side bands only: cropped away
+        for p in (root / "train" / name).iterdir():
+            pixels = np.array(Image.open(p))
+            pixels[:, :10] = 255
+            Image.fromarray(pixels).save(p)
+    real = data_lib.load(folder.name_for(str(root), 10))
+    assert len(real.test_labels) == 3 and real.image_shape == (10, 10, 3)
+    assert real.train_images.max() < 250                     # the white band was outside the square
