@@ -35,10 +35,19 @@ import tensorflow as tf
 
 from esp_tf.matching import augment_by_class, dense
 
-# Renders per chunk by default. Memory of an ESP update grows with it (the second-order graph
-# of one chunk): measured by tools/memory_bench.py --whole_set (BENCHMARKS.md). Sets of at most
-# this many renders take the direct, single-pass path and cost nothing extra.
+# Renders per chunk by default: 256 at 32x32, scaled by the image area (64 at 64x64, 16 at
+# 128x128). Memory of an ESP update grows with the chunk (the second-order graph of one chunk:
+# measured ~14 MB per 32x32 render with ConvNet-3, ~55 MB per 64x64 render with ConvNet-4, so
+# about the image area; tools/memory_bench.py --syn_chunks, BENCHMARKS.md), keeping an update
+# near 4-5 GB. Sets of at most this many renders take the direct, single-pass path and cost
+# nothing extra.
 DEFAULT_CHUNK = 256
+DEFAULT_CHUNK_PIXELS = DEFAULT_CHUNK * 32 * 32
+
+
+def default_chunk(image_shape) -> int:
+    """Renders per chunk when none is given: DEFAULT_CHUNK at 32x32, scaled by the image area."""
+    return max(1, DEFAULT_CHUNK_PIXELS // (int(image_shape[0]) * int(image_shape[1])))
 
 # Layers that act on every image of a batch on its own (the sums above are then exact per chunk).
 _PER_SAMPLE_LAYERS = ("InputLayer", "ZeroPadding2D", "Conv2D", "InstanceNorm", "Activation",
@@ -57,7 +66,7 @@ def check_per_sample(net) -> None:
 
 def plan(num_units: int, renders_per_unit: int, chunk_renders: int | None) -> tuple[int, int]:
     """(chunks, units per chunk) splitting `num_units` units as evenly as possible into chunks of
-    at most `chunk_renders` renders (at least one unit each). None or 0: one chunk."""
+    at most `chunk_renders` renders (at least one unit each). 0 (or None here): one chunk."""
     if not chunk_renders or chunk_renders >= num_units * renders_per_unit:
         return 1, num_units
     per = max(1, chunk_renders // renders_per_unit)
@@ -107,6 +116,9 @@ class ChunkedRenders:
     `chunk_renders` renders (None or 0: one chunk). The DSA draw `params` is one per class."""
 
     def __init__(self, net, synthetic, chunk_renders: int | None, replicas: int = 1):
+        """`chunk_renders`: renders per chunk; None: `default_chunk` of the image size; 0: one."""
+        if chunk_renders is None:
+            chunk_renders = default_chunk(synthetic.image_shape)
         self.net, self.synthetic, self.chunk_renders = net, synthetic, chunk_renders
         # the plan on one device: more than one chunk means the update is split
         self.count, self.per_chunk = plan(synthetic.num_units, synthetic.renders_per_unit, chunk_renders)

@@ -82,8 +82,9 @@ flags.DEFINE_integer("syn_batch", None, "Method setting (esp, tm). Synthetic ima
                      "class-balanced slice (the paper's Figure 8 study); tm per unrolled step (MTT's batch_syn).")
 flags.DEFINE_integer("syn_chunk", None, "Method setting (esp, dm). The exact gradient over the whole "
                      "synthetic set is computed in pieces of at most this many renders, so memory grows "
-                     "with the piece, not the set (esp_tf/chunks.py); 0: the whole set at once. Sets "
-                     "no larger than one piece cost nothing extra; larger ones about one more forward pass.")
+                     "with the piece, not the set (esp_tf/chunks.py); unset: 256 at 32x32, scaled by the "
+                     "image area; 0: the whole set at once. Sets no larger than one piece cost nothing "
+                     "extra; larger ones about one more forward pass.")
 flags.DEFINE_float("student_lr_init", None, "Method setting (tm). Initial value of the learnable student lr (MTT's lr_teacher).")
 flags.DEFINE_float("student_lr_lr", None, "Method setting (tm). SGD lr of the learnable student lr (MTT's lr_lr).")
 flags.DEFINE_float("codes_lr", 0.1, "Adam lr of latent codes (paper 4.2; --param=latents).")

@@ -145,3 +145,11 @@ def test_dm_step_in_chunks_makes_the_whole_set_update():
     np.testing.assert_allclose(loss_s, loss_w, rtol=1e-5)
     for a, b in zip(vars_s, vars_w):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_the_default_piece_is_256_renders_at_32x32_scaled_by_the_image_area():
+    assert [chunks.default_chunk((s, s, 3)) for s in (32, 64, 128, 28)] == [256, 64, 16, 334]
+    big = PixelSynthetic(2, 40, (64, 64, 1), init="gaussian")            # 80 renders of 64x64
+    net = tiny_net(64, 1, 2)
+    assert chunks.ChunkedRenders(net, big, None).count == 2           # pieces of at most 64
+    assert chunks.ChunkedRenders(net, big, 0).count == 1

@@ -85,7 +85,6 @@ def _child(n_steps: int, method: str) -> dict:
     import tensorflow as tf
     from esp_tf import augment, data as data_lib, models, subspace
     from esp_tf.methods import esp, tm
-    from esp_tf import chunks
     from esp_tf.synthetic import LatentSynthetic, PixelSynthetic
 
     c, hw = FLAGS.num_classes, FLAGS.size
@@ -105,7 +104,7 @@ def _child(n_steps: int, method: str) -> dict:
     theta0 = net.init([0, 0])
     dsa = augment.DSAConfig() if FLAGS.dsa else None
     if method == "esp":
-        chunk = chunks.DEFAULT_CHUNK if FLAGS.child_chunk < 0 else FLAGS.child_chunk
+        chunk = None if FLAGS.child_chunk < 0 else FLAGS.child_chunk     # None: the library's default
         step = esp.ESPStep(net, syn, {g: keras.optimizers.Adam(0.01) for g in syn.variable_groups()},
                            data_lib.ClassBalancedSampler(real),
                            esp.ESPConfig(real_per_class=FLAGS.real_per_class, dsa=dsa, chunk=chunk))
@@ -141,7 +140,7 @@ def _child(n_steps: int, method: str) -> dict:
     iteration(2)                                      # second run: time, warm
     seconds = time.time() - t0
     extra = {"renders": syn.num_units * syn.renders_per_unit, "chunks": step.chunks.count,
-             "chunk": chunk} if method == "esp" else {}
+             "chunk": step.chunks.chunk_renders} if method == "esp" else {}
     return {**extra, "method": method, "n": n_steps, "ipc": FLAGS.ipc, "step_peak_mib": (peak - before) / 1024,
             "process_peak_mib": peak / 1024, "seconds_per_iteration": seconds,
             "seconds_per_update": seconds / updates, "traces": step.trace_count}

@@ -22,8 +22,8 @@ from esp_tf.methods.base import Method
 class DMConfig:
     real_per_class: int = 256        # real images per class per update (DM's batch_real)
     dsa: augment.DSAConfig | None = augment.DSAConfig()   # DM uses DSA; None disables it
-    chunk: int | None = chunks.DEFAULT_CHUNK   # renders per piece of the exact whole-set gradient
-    #                                  (chunks.py); None or 0: the whole set in one piece
+    chunk: int | None = None         # renders per piece of the exact whole-set gradient (chunks.py);
+    #                                  None: 256 at 32x32, scaled by the image area; 0: one piece
 
     def __post_init__(self):
         if self.real_per_class < 1:

@@ -69,9 +69,9 @@ class ESPConfig:
     dsa: augment.DSAConfig | None = augment.DSAConfig()   # None disables augmentation
     batch_syn: int | None = None     # None: every synthetic image each update (the paper's point);
     #                                  k: a random class-balanced slice of k images (Figure 8 study)
-    chunk: int | None = chunks.DEFAULT_CHUNK   # renders per piece of the exact whole-set gradient
-    #                                  (chunks.py): memory grows with it, not with the set; None or
-    #                                  0: the whole set in one piece
+    chunk: int | None = None         # renders per piece of the exact whole-set gradient (chunks.py):
+    #                                  memory grows with it, not with the set; None: 256 at 32x32,
+    #                                  scaled by the image area; 0: the whole set in one piece
     dm_reduction: str = "element_mean"   # see matching.DM_REDUCTIONS; chosen on a validation
     #                                  split: at beta 1e-5 it lets L_proj pull about as hard as
     #                                  L_DM (pull ~1 vs ~1e-4 under "sum"), and scored 41.65 +- 0.40
@@ -154,7 +154,7 @@ class ESPStep:
                                  f"and at most {c * m} (the images rendered)")
             self._per_class = config.batch_syn // c
         # the exact whole-set gradient in pieces (chunks.py); a sliced batch is one piece
-        self.chunks = chunks.ChunkedRenders(net, synthetic, None if config.batch_syn else config.chunk,
+        self.chunks = chunks.ChunkedRenders(net, synthetic, 0 if config.batch_syn else config.chunk,
                                             replicas)
         self.trace_count = 0
         self._compiled = tf.function(self._step, jit_compile=jit_compile)
