@@ -254,6 +254,8 @@ def validate(s: Settings) -> list:
     bad = [p for p in s.phases if p not in PHASES]
     if bad:
         errors.append(f"--phases: unknown {bad}; choose from {','.join(PHASES)}")
+    elif not s.phases:
+        errors.append(f"--phases is empty: nothing would run; choose from {','.join(PHASES)}")
     errors += range_errors(s)
     if s.image_size and not (s.dataset or "").startswith("folder:"):
         errors.append(f"--image_size={s.image_size} applies to --dataset=folder:<dir> only")

@@ -202,22 +202,32 @@ def generate(store: TrajectoryStore, net: FlatModel, real: data_lib.RealData, me
     accs, finished = [], len(mine) - len(todo)
     for k in todo:
         t0 = time.time()
-        partial = store.expert_path(k) + ".partial.npz"
-        snapshots, acc = train_expert(
-            net, real, config, seed=seed * 1_000_003 + k, trainer=trainer, partial_path=partial,
-            on_epoch=(lambda e, n, loss, k=k: on_epoch(k, e, n, loss)) if on_epoch else None,
-            recipe=meta.to_json())
-        chance = 1.0 / real.num_classes
-        if acc <= WEAK_FACTOR * chance and not accept_weak:
-            raise WeakExpertError(
-                f"expert {k} reached {100 * acc:.1f}% test accuracy, within {WEAK_FACTOR}x of chance "
-                f"({100 * chance:.1f}%): it learned nothing (a too large --expert_lr, now {config.lr}, "
-                "or too few --expert_epochs) and was not stored. Fix the recipe, or pass "
-                "--accept_weak_experts to store such experts knowingly.")
-        store.write(k, snapshots)
-        if fs.exists(partial):
-            fs.remove(partial)
+        with store.expert_lock(k):          # another process sharing the store may train it
+            if k in set(store.completed()):
+                logging.info("expert %d was trained by another process meanwhile", k)
+                continue
+            acc = _train_and_store(store, net, real, meta, config, k, seed, trainer, on_epoch, accept_weak)
         accs.append(acc)
         if progress:
             progress(k, finished + len(accs), len(mine), acc, time.time() - t0)
     return accs
+
+
+def _train_and_store(store, net, real, meta, config, k, seed, trainer, on_epoch, accept_weak) -> float:
+    """Trains expert k (resuming its partial file), refuses a weak one, stores it; its accuracy."""
+    partial = store.expert_path(k) + ".partial.npz"
+    snapshots, acc = train_expert(
+        net, real, config, seed=seed * 1_000_003 + k, trainer=trainer, partial_path=partial,
+        on_epoch=(lambda e, n, loss, k=k: on_epoch(k, e, n, loss)) if on_epoch else None,
+        recipe=meta.to_json())
+    chance = 1.0 / real.num_classes
+    if acc <= WEAK_FACTOR * chance and not accept_weak:
+        raise WeakExpertError(
+            f"expert {k} reached {100 * acc:.1f}% test accuracy, within {WEAK_FACTOR}x of chance "
+            f"({100 * chance:.1f}%): it learned nothing (a too large --expert_lr, now {config.lr}, "
+            "or too few --expert_epochs) and was not stored. Fix the recipe, or pass "
+            "--accept_weak_experts to store such experts knowingly.")
+    store.write(k, snapshots)
+    if fs.exists(partial):
+        fs.remove(partial)
+    return acc

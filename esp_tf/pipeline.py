@@ -149,13 +149,16 @@ def _write_flags(s, old):
 
 def _check_data(s, real):
     """Data-dependent flag checks, before any expert or condensation work."""
-    from esp_tf import condense
+    from esp_tf import condense, synthetic as synthetic_lib
     needs = {}
     if s.baselines:      # random and herding pick --ipc distinct real images per class
         needs[f"--baselines={','.join(s.baselines)}"] = s.ipc
+    settings = cli.condense_settings(s)
     try:
-        needs["--init=real"] = condense.real_images_needed(cli.condense_settings(s), real.image_shape,
-                                                           real.num_classes)
+        # the set's design must fit its budget whatever the init (a latent design that does not
+        # fit would otherwise fail only after the experts were trained)
+        synthetic_lib.parameterisation(s.param).real_images_needed(settings, real.image_shape, real.num_classes)
+        needs["--init=real"] = condense.real_images_needed(settings, real.image_shape, real.num_classes)
     except ValueError as e:
         raise wd.UserError(str(e)) from e
     smallest = int(real.train_counts.min())

@@ -199,6 +199,26 @@ class TrajectoryStore:
             raise TrajectoryError(f"expert index must be a non-negative int, got {k!r}")
         return f"{self.directory.rstrip('/')}/expert_{int(k):05d}.tfrecord"
 
+    def expert_lock(self, k: int):
+        """An exclusive lock on training expert k (a context manager): processes that share a
+        local store (two runs with one --experts_dir) never train the same expert at once; the
+        second waits, then finds it done. A lock file per expert (hidden), released by the kernel
+        when its process dies. Bucket stores have no file locks: a no-op there."""
+        import contextlib
+        import fcntl
+        if fs.is_url(self.directory):
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def held():
+            with open(f"{self.directory.rstrip('/')}/.expert_{int(k):05d}.lock", "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+        return held()
+
     def completed(self) -> list[int]:
         """Sorted indices of finished experts (final names only; temp files are ignored)."""
         if not fs.isdir(self.directory):

@@ -131,3 +131,31 @@ def test_an_untrusted_partial_expert_is_moved_aside_and_the_expert_starts_over(t
     np.testing.assert_array_equal(resumed, reference)                  # trained from the start
     aside = [p for p in tmp_path.iterdir() if ".partial.npz.bad-" in p.name]
     assert len(aside) == 1                                             # kept, not deleted
+
+
+SHARED_STORE = """
+import sys
+sys.path.insert(0, "tests")
+from conftest import fake_real, tiny_net
+from esp_tf import experts
+from esp_tf.trajectories import TrajectoryStore
+net = tiny_net(8, 1, 3)
+config = experts.ExpertConfig(epochs=3, batch_size=16, lr=0.05)
+meta = experts.expert_meta(net, "convnet", {"width": 4, "depth": 2}, "fake", 3, config)
+accs = experts.generate(TrajectoryStore(sys.argv[1]), net, fake_real(3, 8, 1, 20, 4), meta, 3, config,
+                        accept_weak=True)
+print("TRAINED", len(accs))
+"""
+
+
+def test_two_processes_sharing_a_store_never_train_the_same_expert_twice(tmp_path):
+    import subprocess
+    import sys
+    from conftest import REPO
+    procs = [subprocess.Popen([sys.executable, "-c", SHARED_STORE, str(tmp_path / "store")], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    trained = [int(o[0].split("TRAINED")[1]) for o in outs]
+    assert sum(trained) == 3, trained                     # each expert once, whoever got it first
+    assert TrajectoryStore(str(tmp_path / "store")).completed() == [0, 1, 2]

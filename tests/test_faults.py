@@ -209,6 +209,8 @@ def test_2_no_intact_checkpoint_is_an_error_that_keeps_the_results(run_copy):
     # command line once; every flag of the table in test_3_every_out_of_range_flag_is_named)
     (["--depth=0", "--eval_lr=-1"], ["--depth must be >= 1, got 0", "--eval_lr must be > 0, got -1.0"]),
     (["--export_name=My Set"], ["--export_name='My Set'", "snake_case"]),
+    # a latent design over its budget, with Gaussian init too: refused before the experts train
+    (["--param=latents", "--num_decoders=200", "--init=gaussian"], ["latent budget too small"]),
 ])
 def test_3_bad_settings_fail_before_any_work_and_write_no_flags_txt(tmp_path, bad, words):
     work = tmp_path / "w"
@@ -228,6 +230,7 @@ def test_3_bad_settings_fail_before_any_work_and_write_no_flags_txt(tmp_path, ba
     (dict(dataset="../etc"), "--dataset='../etc' is not a TFDS dataset name"),
     (dict(dataset="folder:"), "--dataset=folder: needs a folder"),
     (dict(image_size=32), "--image_size=32 applies to --dataset=folder:<dir> only"),
+    (dict(phases=[]), "--phases is empty"),
 ])
 def test_3_every_out_of_range_flag_is_named_before_any_work(tmp_path, bad, message):
     from esp_tf import cli
