@@ -79,6 +79,20 @@ def _status_kib(field: str, pid="self") -> int:
     raise RuntimeError(f"{field} not in /proc/{pid}/status (Linux only)")
 
 
+def _random_data_and_net(c: int, hw: int):
+    """Random CIFAR-shaped real data (300 images per class) and ConvNet-3 of --width."""
+    import numpy as np
+    from esp_tf import data as data_lib, models
+    rng = np.random.default_rng(0)
+    real = data_lib.RealData(
+        name="random", train_images=rng.integers(0, 256, (c * 300, hw, hw, 3), dtype=np.uint8),
+        train_labels=np.repeat(np.arange(c), 300).astype(np.int32),
+        test_images=np.zeros((c, hw, hw, 3), np.uint8), test_labels=np.arange(c, dtype=np.int32),
+        class_names=tuple(map(str, range(c))), mean=np.full(3, 0.5, np.float32),
+        std=np.full(3, 0.25, np.float32))
+    return real, models.FlatModel(models.build("convnet3", (hw, hw, 3), c, width=FLAGS.width))
+
+
 def _child(n_steps: int, method: str) -> dict:
     import keras
     import numpy as np
@@ -88,14 +102,7 @@ def _child(n_steps: int, method: str) -> dict:
     from esp_tf.synthetic import LatentSynthetic, PixelSynthetic
 
     c, hw = FLAGS.num_classes, FLAGS.size
-    rng = np.random.default_rng(0)
-    real = data_lib.RealData(
-        name="random", train_images=rng.integers(0, 256, (c * 300, hw, hw, 3), dtype=np.uint8),
-        train_labels=np.repeat(np.arange(c), 300).astype(np.int32),
-        test_images=np.zeros((c, hw, hw, 3), np.uint8), test_labels=np.arange(c, dtype=np.int32),
-        class_names=tuple(map(str, range(c))), mean=np.full(3, 0.5, np.float32),
-        std=np.full(3, 0.25, np.float32))
-    net = models.FlatModel(models.build("convnet3", (hw, hw, 3), c, width=FLAGS.width))
+    real, net = _random_data_and_net(c, hw)
     if FLAGS.param == "latents":
         syn = LatentSynthetic(c, FLAGS.ipc, (hw, hw, 3), init="gaussian", downsample=FLAGS.latent_downsample,
                               num_decoders=FLAGS.num_decoders)
@@ -159,13 +166,7 @@ def _child_store(num_experts: int, stream: bool) -> dict:
 
     c, hw, snapshots = FLAGS.num_classes, FLAGS.size, 4
     rng = np.random.default_rng(0)
-    real = data_lib.RealData(
-        name="random", train_images=rng.integers(0, 256, (c * 300, hw, hw, 3), dtype=np.uint8),
-        train_labels=np.repeat(np.arange(c), 300).astype(np.int32),
-        test_images=np.zeros((c, hw, hw, 3), np.uint8), test_labels=np.arange(c, dtype=np.int32),
-        class_names=tuple(map(str, range(c))), mean=np.full(3, 0.5, np.float32),
-        std=np.full(3, 0.25, np.float32))
-    net = models.FlatModel(models.build("convnet3", (hw, hw, 3), c, width=FLAGS.width))
+    real, net = _random_data_and_net(c, hw)
     meta = TrajectoryMeta(model="convnet", model_config={}, dataset="random", input_shape=(hw, hw, 3),
                           num_classes=c, layout=net.layout, epochs=snapshots - 1)
     with tempfile.TemporaryDirectory() as tmp:
