@@ -51,7 +51,8 @@ def test_fidelity_curve_keeps_runs_on_more_experts_in_their_own_series(tmp_path)
     eight = curve.run_point(_finished_run(tmp_path / "eight", experts=8))
     dm = curve.run_point(_finished_run(tmp_path / "dm", method="dm", experts=8))   # DM uses no experts
     assert (two["experts"], eight["experts"], dm["experts"]) == (2, 8, None)
-    assert [curve.series(p) for p in (two, eight, dm)] == ["esp, 2 experts", "esp, 8 experts", "dm"]
+    assert [curve.series(p) for p in (two, eight, dm)] == [
+        "esp, 2 experts, 56 renders/class", "esp, 8 experts, 56 renders/class", "dm, 56 renders/class"]
     assert curve.series({"method": "esp"}) == "esp"          # a point recorded before experts were
     curve.plot([two, eight, dm], str(tmp_path / "curve.png"))
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -97,9 +97,11 @@ def record_points(path: str, new: list[dict], commit: str) -> list[dict]:
 
 
 def series(point: dict) -> str:
-    """The plot series of a point: its method, and its experts where it used any."""
-    experts = point.get("experts")
-    return point["method"] if experts is None else f"{point['method']}, {experts} experts"
+    """The plot series of a point: its method, its experts where it used any, and its renders
+    per class (the set's design) where recorded."""
+    experts, renders = point.get("experts"), point.get("renders_per_class")
+    name = point["method"] if experts is None else f"{point['method']}, {experts} experts"
+    return name if renders is None else f"{name}, {renders} renders/class"
 
 
 def plot(points: list[dict], path: str) -> None:
@@ -108,7 +110,7 @@ def plot(points: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
     from esp_tf import workdir as wd
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
     for ax, key, label in ((axes[0], "updates", "synthetic updates"),
                            (axes[1], "seconds", "condensation wall-clock (s, this machine)")):
         for name in sorted({series(p) for p in points}):
@@ -123,8 +125,9 @@ def plot(points: list[dict], path: str) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()     # one legend below both panels
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) + 2) // 3), 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)

@@ -36,7 +36,9 @@ def publish(workdir: str, out: str, command: str = "", data_dir: str | None = No
                               val_per_class=run.settings.val_per_class)
     sidecar = {"command": command, "images": int(len(run.labels)),
                "images_per_class": int(np.bincount(run.labels).max()),
-               "flags": wd.parse_flags_file(os.path.join(workdir, "flags.txt")),
+               # the resolved flags, without this machine's paths
+               "flags": {k: v for k, v in wd.parse_flags_file(os.path.join(workdir, "flags.txt")).items()
+                         if k not in ("data_dir", "workdir", "experts_dir")},
                "budget": wd.read_json(os.path.join(workdir, "budget.json")),
                "eval": wd.read_json(os.path.join(workdir, "eval.json"))}
     wd.write_json(os.path.splitext(out)[0] + ".json", sidecar)
