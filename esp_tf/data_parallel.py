@@ -26,7 +26,7 @@ from esp_tf import subspace
 from esp_tf.chunks import replica as _replica
 from esp_tf.matching import apply_grads, augment_by_class, dense, ordered_variables, siamese_params
 from esp_tf.methods.dm import DMStep
-from esp_tf.methods.esp import LOSS_TERMS, ESPStep, Pieces, class_balanced_slice
+from esp_tf.methods.esp import LOSS_TERMS, ESPStep, Pieces, class_balanced_slice, pull
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -154,8 +154,7 @@ class ReplicatedESPStep(ESPStep):
                    "ce": ctx.all_reduce(SUM, ce_i), "syn_acc": ctx.all_reduce(SUM, hits) / total,
                    "grad_norm": g_norm, "in_subspace": tf.norm(g_in) / (g_norm + 1e-12)}
         if "proj" in per_term and "dm" in per_term:
-            full = {n: ctx.all_reduce(SUM, gs) for n, gs in per_term.items()}
-            metrics["pull"] = tf.linalg.global_norm(full["proj"]) / (tf.linalg.global_norm(full["dm"]) + 1e-30)
+            metrics["pull"] = pull({n: ctx.all_reduce(SUM, gs) for n, gs in per_term.items()})
         apply_grads(self.optimizers, self.groups, grads)    # Keras sums the replicas' grads
         return theta - cfg.inner_lr * g_in, metrics                         # eq. 6
 

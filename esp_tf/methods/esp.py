@@ -98,6 +98,12 @@ class ESPConfig:
         return any(LOSS_TERMS[name].needs_real for name in self.losses)
 
 
+def pull(per_term: dict) -> tf.Tensor:
+    """How hard beta * L_proj pulls on the synthetic variables against L_DM (1: equally), from
+    each term's gradients (lists of tensors)."""
+    return tf.linalg.global_norm(per_term["proj"]) / (tf.linalg.global_norm(per_term["dm"]) + 1e-30)
+
+
 def class_balanced_slice(x, y, num_classes: int, per_class: int, seed):
     """per_class random images of each class from a class-major set x [C*M, ...], y [C*M]."""
     m = x.shape[0] // num_classes
@@ -188,9 +194,7 @@ class ESPStep:
             loss, aux, per_term = self._chunked(theta, basis, params, real_means, variables)
             grads = [tf.add_n(list(gs)) for gs in zip(*per_term.values())]
             if "proj" in per_term and "dm" in per_term:
-                whole = {n: chunks.all_sum(gs) for n, gs in per_term.items()}   # over the replicas
-                aux["pull"] = (tf.linalg.global_norm(whole["proj"])
-                               / (tf.linalg.global_norm(whole["dm"]) + 1e-30))
+                aux["pull"] = pull({n: chunks.all_sum(gs) for n, gs in per_term.items()})   # all replicas
             apply_grads(self.optimizers, self.groups, grads)   # Keras sums the replicas' grads
             return theta - cfg.inner_lr * tf.stop_gradient(aux.pop("g_in")), {"loss": loss, **aux}
         several = len(cfg.losses) > 1
@@ -210,8 +214,7 @@ class ESPStep:
             del outer
             grads = [tf.add_n(list(gs)) for gs in zip(*per_term.values())]
             if "proj" in per_term and "dm" in per_term:
-                aux["pull"] = (tf.linalg.global_norm(per_term["proj"])
-                               / (tf.linalg.global_norm(per_term["dm"]) + 1e-30))
+                aux["pull"] = pull(per_term)
         else:
             grads = outer.gradient(loss, variables)
         apply_grads(self.optimizers, self.groups, grads)
