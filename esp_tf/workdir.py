@@ -160,7 +160,10 @@ def merge_json_cell(path: str, row: str, column: str, value) -> dict:
     with open(path + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            obj = read_results(path)
+            obj = read_json(path) or {}
+            if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
+                raise UserError(f"{path} is not a table of cells ({{row: {{column: value}}}}); move it "
+                                "aside (it is kept for you to inspect) and rerun the same command")
             obj.setdefault(row, {})[column] = value
             write_json(path, obj)
         finally:

@@ -89,7 +89,7 @@ def run_copy(finished, tmp_path):
 def test_1_a_diverging_condensation_stops_names_the_flags_and_saves_nothing_non_finite(finished, tmp_path):
     tmp, work = finished
     fresh = tmp_path / "nan"
-    out = _train(tmp, [f"--workdir={fresh}", f"--experts_dir={work / 'experts'}", "--inner_lr=1e9",
+    out = _train(tmp, [f"--workdir={fresh}", f"--experts_dir={work / 'experts'}", "--beta=1e38",
                        "--phases=experts,condense,evaluate,export"] + TINY + ["--inner_steps=3"])
     line = _refused(out, "non-finite", "--inner_lr", "--pixels_lr", "--beta")
     assert "not checkpointed or saved" in line
@@ -100,7 +100,7 @@ def test_1_a_diverging_condensation_stops_names_the_flags_and_saves_nothing_non_
     # the corrected command in the same workdir: nothing finished there, so no --restart needed
     out = _ok(_train(tmp, [f"--workdir={fresh}", f"--experts_dir={work / 'experts'}",
                            "--phases=experts,condense"] + TINY))
-    assert "starting with the new ones" in out.stdout and "inner_lr" in out.stdout
+    assert "starting with the new ones" in out.stdout and "beta" in out.stdout
     assert np.isfinite(np.load(fresh / "synthetic.npz")["images"]).all()
 
 
@@ -603,11 +603,11 @@ def test_8_a_damaged_metrics_log_is_skipped_with_a_warning_never_fatal(run_copy)
 # ---------------------------------------------------------------------------------------------
 def test_9_diverged_experts_are_refused_in_one_line_and_nothing_is_stored(tmp_path):
     work = tmp_path / "w"
-    out = _train(tmp_path, [f"--workdir={work}"] + TINY + ["--expert_lr=1e6"])
+    out = _train(tmp_path, [f"--workdir={work}"] + TINY + ["--expert_lr=10"])
     line = _refused(out, "--expert_lr", "stored")       # at chance (or a non-finite loss: "diverged")
     assert "chance" in line or "diverged" in line
     assert not list((work / "experts").glob("expert_*.tfrecord"))
-    out = _ok(_train(tmp_path, [f"--workdir={work}"] + TINY + ["--expert_lr=1e6", "--accept_weak_experts",
+    out = _ok(_train(tmp_path, [f"--workdir={work}"] + TINY + ["--expert_lr=10", "--accept_weak_experts",
                                                             "--phases=experts"]))
     assert list((work / "experts").glob("expert_*.tfrecord"))     # stored knowingly when asked
 
