@@ -23,10 +23,10 @@ from __future__ import annotations
 import tensorflow as tf
 
 from esp_tf import subspace
-from esp_tf.chunks import replica as _replica
+from esp_tf.chunks import reduced_duals, replica as _replica
 from esp_tf.matching import apply_grads, augment_by_class, dense, ordered_variables, siamese_params
 from esp_tf.methods.dm import DMStep
-from esp_tf.methods.esp import LOSS_TERMS, ESPStep, Pieces, class_balanced_slice, pull
+from esp_tf.methods.esp import LOSS_TERMS, ESPStep, class_balanced_slice, pull
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -127,29 +127,20 @@ class ReplicatedESPStep(ESPStep):
             g_i = inner.gradient(ce_i, theta)                               # [P]   share of G
             sums_i = tf.math.unsorted_segment_sum(feats_i, y_i, c)          # [C, D]
             with outer.stop_recording():                 # the reduced loss and its first-order grads
-                counts = tf.math.bincount(y_syn, minlength=c, maxlength=c, dtype=theta.dtype)[:, None]
                 g = ctx.all_reduce(SUM, g_i)                                # G = sum_i g_i   [P]
-                means = ctx.all_reduce(SUM, sums_i) / counts                # [C, D]
-                with tf.GradientTape(persistent=True) as reduced:
-                    reduced.watch([g, means])
-                    g_in = subspace.project(basis, g)
-                    pieces = Pieces(cfg, means, tf.range(c, dtype=tf.int32), g, g_in, real_means)
-                    values = {n: LOSS_TERMS[n].value(pieces) for n in cfg.losses}
-                    weighted = {n: LOSS_TERMS[n].weight(cfg) * values[n] for n in cfg.losses}
-                duals = {n: reduced.gradient(w, [g, means], unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                         for n, w in weighted.items()}
-                del reduced
+                values, duals = reduced_duals(self.loss_terms(basis, real_means), g,
+                                              ctx.all_reduce(SUM, sums_i), self._per_class)
             # each term's surrogate: its gradient w.r.t. the variables is this replica's share
-            surrogates = {n: tf.reduce_sum(d_g * g_i) + tf.reduce_sum(d_means / counts * sums_i)
-                          for n, (d_g, d_means) in duals.items()}
+            surrogates = {n: tf.reduce_sum(d_g * g_i) + tf.reduce_sum(d_s * sums_i)
+                          for n, (d_g, d_s) in duals.items()}
         per_term = {n: dense(outer.gradient(v, variables), variables) for n, v in surrogates.items()}
         del outer
         grads = [tf.add_n(list(gs)) for gs in zip(*per_term.values())]
         zero = tf.zeros([], theta.dtype)
         hits = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits_i, -1, output_type=tf.int32), y_i),
                                      theta.dtype))
-        g_norm = tf.norm(g)
-        metrics = {"loss": tf.add_n(list(weighted.values())),
+        g_norm, g_in = tf.norm(g), subspace.project(basis, g)
+        metrics = {"loss": tf.add_n([LOSS_TERMS[n].weight(cfg) * values[n] for n in cfg.losses]),
                    **{n: values.get(n, zero) for n in LOSS_TERMS},
                    "ce": ctx.all_reduce(SUM, ce_i), "syn_acc": ctx.all_reduce(SUM, hits) / total,
                    "grad_norm": g_norm, "in_subspace": tf.norm(g_in) / (g_norm + 1e-12)}

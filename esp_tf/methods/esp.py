@@ -221,21 +221,27 @@ class ESPStep:
         theta_next = theta - cfg.inner_lr * tf.stop_gradient(aux.pop("g_in"))   # eq. 6
         return theta_next, {"loss": loss, **aux}
 
-    def _chunked(self, theta, basis, params, real_means, variables):
-        """The update's loss, metrics and per-term gradients over the whole set, chunk by chunk
-        (chunks.py): the same values as `outer_loss` on every render at once, in the memory of
-        one chunk."""
+    def loss_terms(self, basis, real_means) -> dict:
+        """The chosen LOSS_TERMS as functions of the set's reduced pieces, name -> (weight,
+        value(G [P], class-mean embeddings [C, D])) (chunks.reduced_duals)."""
         cfg, c = self.config, self.synthetic.num_classes
-        sums, g, ce, acc = self.chunks.totals(theta, params, with_g=True)       # pass 1
 
         def term(name):
-            def value(g_, means):
-                pieces = Pieces(cfg, means, tf.range(c, dtype=tf.int32), g_, subspace.project(basis, g_),
+            def value(g, means):
+                pieces = Pieces(cfg, means, tf.range(c, dtype=tf.int32), g, subspace.project(basis, g),
                                 real_means)
                 return LOSS_TERMS[name].value(pieces)
             return LOSS_TERMS[name].weight(cfg), value
 
-        values, duals = chunks.reduced_duals({n: term(n) for n in cfg.losses}, g, sums,
+        return {name: term(name) for name in cfg.losses}
+
+    def _chunked(self, theta, basis, params, real_means, variables):
+        """The update's loss, metrics and per-term gradients over the whole set, chunk by chunk
+        (chunks.py): the same values as `outer_loss` on every render at once, in the memory of
+        one chunk."""
+        cfg = self.config
+        sums, g, ce, acc = self.chunks.totals(theta, params, with_g=True)       # pass 1
+        values, duals = chunks.reduced_duals(self.loss_terms(basis, real_means), g, sums,
                                              self.chunks.per_class)
         per_term = self.chunks.gradients(theta, params, variables, duals)     # pass 2
         zero = tf.zeros([], theta.dtype)
