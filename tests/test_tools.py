@@ -69,6 +69,8 @@ def test_fidelity_curve_records_points_across_sessions_and_replaces_a_rerun(tmp_
     assert [(p["name"], p["method"], p["commit"]) for p in points] == [("b", "dm", "def456"),
                                                                       ("a", "esp", "def456")]
     assert curve.read_points(ledger) == points
+    other = {**a, "dataset": "fashion_mnist"}                       # same name, another dataset: kept apart
+    assert len(curve.record_points(ledger, [other], "aaa111")) == 3
 
 
 def test_fidelity_curve_names_what_an_unfinished_run_lacks(tmp_path):

@@ -15,8 +15,8 @@ evaluated beside a run (random, herding) are not plotted.
 Workdirs do not outlive the machine they ran on, so a curve is built over sessions in a points
 file (--points, JSON): its points are printed and plotted with those of the workdirs given, and
 --record adds the workdirs' points to it (each with the commit it was measured at, from
-flags.txt's directory's git checkout, and the workdir's name; a point of the same name is
-replaced). Every point records its dataset, IPC, evaluation epochs and renders per class;
+flags.txt's directory's git checkout, and the workdir's name; a point of the same name, dataset
+and IPC is replaced). Every point records its dataset, IPC, evaluation epochs and renders per class;
 --dataset and --ipc choose the points printed and plotted.
 """
 from __future__ import annotations
@@ -87,11 +87,12 @@ def read_points(path: str | None) -> list[dict]:
 
 def record_points(path: str, new: list[dict], commit: str) -> list[dict]:
     """Adds `new` (each tagged with `commit` and named by its workdir's basename) to the points
-    file at `path`, replacing points of the same name; returns all points."""
+    file at `path`, replacing points of the same name, dataset and IPC; returns all points."""
     from esp_tf import workdir as wd
     tagged = [{**p, "name": os.path.basename(p["workdir"]), "commit": commit} for p in new]
-    names = {p["name"] for p in tagged}
-    points = [p for p in read_points(path) if p.get("name") not in names] + tagged
+    key = lambda p: (p.get("name"), p.get("dataset", "cifar10"), p.get("ipc", 1))   # noqa: E731
+    keys = {key(p) for p in tagged}
+    points = [p for p in read_points(path) if key(p) not in keys] + tagged
     wd.write_json(path, {"points": points})
     return points
 
