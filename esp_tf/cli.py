@@ -36,6 +36,13 @@ flags.DEFINE_integer("val_per_class", 0, "Hold out this many training images per
                      "validation split (class-balanced, fixed seed): experts and condensation never "
                      "see them, and evaluation scores them beside the test split. Choose "
                      "hyper-parameters on it, never on the test split. 0: no validation split.")
+flags.DEFINE_enum("real_data", "auto", ["auto", "memory", "stream"], "How real images are held: "
+                  "'memory' reads the splits whole; 'stream' writes them once to a class-sorted uint8 cache "
+                  "on disk (--real_cache_dir) and reads every batch from it, memory-mapped, so datasets "
+                  "larger than memory work and draw the same images; 'auto' streams splits larger than "
+                  "1/8 of this machine's memory. TFDS datasets only (folder: datasets are read whole).")
+flags.DEFINE_string("real_cache_dir", None, "Local directory of the streamed-data cache (--real_data); "
+                    "default <data_dir>/esp_tf_cache. Runs of one dataset share it.")
 flags.DEFINE_bool("zca", False, "ZCA-whiten the network inputs (fit on the training images, eps 0.1, "
                   "as MTT does for CIFAR at IPC 1 and 10) instead of per-channel mean/std; experts, "
                   "condensation and evaluation all see whitened images. Needs --noclip_pixels.")
@@ -262,6 +269,12 @@ def validate(s: Settings) -> list:
     if (s.dataset or "").startswith("folder:"):
         if not s.dataset[len("folder:"):]:
             errors.append("--dataset=folder: needs a folder, e.g. --dataset=folder:~/photos")
+        if s.real_data == "stream":
+            errors.append("--real_data=stream reads TFDS datasets; a folder: dataset is read into memory "
+                          "(drop the flag, or prepare the folder as a TFDS dataset with `tfds build`)")
+    if s.real_data == "stream" and s.jit_compile:
+        errors.append("--real_data=stream reads real batches on the host, which XLA cannot compile: "
+                      "drop --jit_compile or use --real_data=memory")
     elif not re.fullmatch(_DATASET_NAME, s.dataset or ""):
         errors.append(f"--dataset={s.dataset!r} is not a TFDS dataset name (name, name/config or "
                       "name:version, e.g. cifar10 or fashion_mnist:3.0.1)")

@@ -155,6 +155,10 @@ def run(real: data_lib.RealData, net: FlatModel, trajectories, s: CondenseSettin
                                f"segment_length = {needed} snapshots; got {have}")
     if strategy is not None:
         _check_data_parallel(s, strategy)
+    if real.streamed and s.jit_compile:      # --real_data=auto chose to stream
+        raise wd.UserError(f"{real.name} is streamed from disk (--real_data), and its real batches are "
+                           "read on the host, which XLA cannot compile: drop --jit_compile, or pass "
+                           "--real_data=memory on a machine that holds the dataset")
     with data_parallel_scope(strategy):
         syn = make_synthetic(real, s)
     budget = syn.budget()

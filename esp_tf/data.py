@@ -85,6 +85,11 @@ class RealData:
         return name
 
     @property
+    def streamed(self) -> bool:
+        """Whether the train images are memory-mapped from a cache on disk (load(real_data=))."""
+        return isinstance(self.train_images, np.memmap)
+
+    @property
     def train_counts(self) -> np.ndarray:
         return np.bincount(self.train_labels, minlength=self.num_classes)
 
@@ -331,11 +336,9 @@ def _channel_stats(images: np.ndarray):
     return mean.astype(np.float32), np.sqrt(np.maximum(total[1] / n - mean**2, 0)).astype(np.float32)
 
 
-def split_validation(images, labels, per_class: int, seed: int = VAL_SEED):
-    """Class-sorted (train, val) arrays: `per_class` random images of every class go to val.
-
-    Both outputs stay stably sorted by class; the draw depends only on `seed` and the input.
-    """
+def validation_mask(labels, per_class: int, seed: int = VAL_SEED) -> np.ndarray:
+    """bool [N]: which images of class-sorted `labels` go to the validation split, `per_class`
+    random ones of every class (the draw depends only on `seed` and the labels)."""
     counts = np.bincount(labels)
     if per_class >= counts.min():
         raise ValueError(f"val_per_class={per_class} leaves no training images in the smallest "
@@ -345,14 +348,25 @@ def split_validation(images, labels, per_class: int, seed: int = VAL_SEED):
     for c in range(len(counts)):
         members = np.flatnonzero(labels == c)
         is_val[rng.choice(members, per_class, replace=False)] = True
+    return is_val
+
+
+def split_validation(images, labels, per_class: int, seed: int = VAL_SEED):
+    """Class-sorted (train, val) arrays: `per_class` random images of every class go to val.
+
+    Both outputs stay stably sorted by class; the draw depends only on `seed` and the input.
+    """
+    is_val = validation_mask(labels, per_class, seed)
     return (images[~is_val], labels[~is_val]), (images[is_val], labels[is_val])
 
 
 def load(name: str, data_dir: str | None = None, *, max_train_per_class: int | None = None,
          max_test_per_class: int | None = None, val_per_class: int = 0,
-         download: bool = False, zca: bool = False) -> RealData:
-    """Load a TFDS image-classification dataset fully into memory; the network is used only
-    with ``download=True``, to download and prepare a missing non-embedded dataset.
+         download: bool = False, zca: bool = False, real_data: str = "auto",
+         cache_dir: str | None = None) -> RealData:
+    """Load a TFDS image-classification dataset into memory, or memory-mapped from a cache on
+    disk (``real_data``, below); the network is used only with ``download=True``, to download
+    and prepare a missing non-embedded dataset.
 
     ``name`` may carry TFDS config/version syntax (``'cifar10:3.0.2'``). ``max_*_per_class``
     keep the first examples of each class in TFDS stored order. ``val_per_class`` > 0 carves a
@@ -360,9 +374,15 @@ def load(name: str, data_dir: str | None = None, *, max_train_per_class: int | N
     returned train arrays exclude it, and hyper-parameters are chosen on it, never on test.
     ``zca`` fits ZCA whitening (:class:`Whitening`) on those train arrays (validation excluded):
     every consumer then converts images with :func:`to_model` / :func:`to_pixels`.
-    Raises DatasetNotFoundError
+    ``real_data``: 'memory' reads the splits whole; 'stream' writes them once, in one pass of
+    chunks, to a class-sorted uint8 cache under ``cache_dir`` and returns read-only memory maps
+    of it (`esp_tf.streamed`: the same arrays, never held whole; default ``<data_dir>/esp_tf_cache``);
+    'auto' streams when the splits exceed 1/8 of this machine's memory. Raises DatasetNotFoundError
     when a non-embedded dataset is not prepared under ``data_dir`` (default: TFDS default).
     """
+    from esp_tf import streamed
+    if real_data not in streamed.MODES:
+        raise ValueError(f"real_data must be one of {', '.join(streamed.MODES)}, got {real_data!r}")
     for arg, value in (("max_train_per_class", max_train_per_class),
                        ("max_test_per_class", max_test_per_class)):
         if value is not None and value < 1:
@@ -395,6 +415,11 @@ def load(name: str, data_dir: str | None = None, *, max_train_per_class: int | N
     if test_split != "test":
         logging.info("%s has no 'test' split: using 'validation' as test data", name)
 
+    keys = _feature_keys(builder)
+    if streamed.choose(real_data, streamed.split_bytes(builder, keys[0], ("train", test_split))):
+        return _load_streamed(name, builder, keys, test_split, cache_dir or os.path.join(data_dir, "esp_tf_cache"),
+                              max_train_per_class,
+                              max_test_per_class, val_per_class, zca)
     train_images, train_labels = _read_split(builder, "train")
     test_images, test_labels = _read_split(builder, test_split)
     label = builder.info.features[_feature_keys(builder)[1]]
@@ -403,6 +428,42 @@ def load(name: str, data_dir: str | None = None, *, max_train_per_class: int | N
     return _assemble(name, train_images, train_labels, test_images, test_labels, names,
                      _known_normalization(base), max_train_per_class, max_test_per_class, val_per_class,
                      zca, f"{builder.data_dir} ({test_split} as test)")
+
+
+def _load_streamed(name, builder, keys, test_split, cache_dir, max_train_per_class, max_test_per_class,
+                   val_per_class, zca) -> RealData:
+    """`load` through a memory-mapped class-sorted cache (esp_tf.streamed): the same RealData."""
+    from esp_tf import streamed
+    features = builder.info.features
+    if keys[0] not in features or keys[1] not in features:
+        raise ValueError(f"{builder.info.full_name} is not an image-classification dataset "
+                         f"(needs features {keys[0]!r} and {keys[1]!r}, has {list(features)})")
+    if features[keys[0]].np_dtype != np.uint8 or streamed.split_bytes(builder, keys[0], ()) is None:
+        raise ValueError(f"{builder.info.full_name}: streamed real data needs uint8 images of one "
+                         f"size, the dataset has {np.dtype(features[keys[0]].np_dtype).name} images of shape "
+                         f"{features[keys[0]].shape}")
+    known = _known_normalization(_split_name(name)[0])
+    cache_dir = os.fspath(cache_dir)
+    try:
+        arrays, stats, folder = streamed.load(
+            builder, keys, test_split, cache_dir, limits=(max_train_per_class, max_test_per_class),
+            val_per_class=val_per_class, val_seed=VAL_SEED, need_stats=known is None)
+    except tf.errors.OpError as e:          # a truncated or corrupt TFRecord shard (DataLossError)
+        raise _damaged(builder.info.full_name, builder.data_dir, e) from e
+    mean, std = (np.asarray(known[0], np.float32), np.asarray(known[1], np.float32)) if known else stats
+    label = features[keys[1]]
+    train, val, test = arrays["train"], arrays["val"], arrays["test"]
+    num_classes = getattr(label, "num_classes", None) or int(train[1].max()) + 1
+    names = getattr(label, "names", None) or [str(i) for i in range(num_classes)]
+    extra = {"val_images": val[0], "val_labels": val[1]} if val_per_class else {}
+    if zca:
+        extra["whitening"] = fit_whitening(train[0])
+    data = RealData(name, train[0], train[1], test[0], test[1], tuple(str(n) for n in names),
+                    mean, std, **extra)
+    logging.info("streamed %s from %s (cache %s): train %d, val %d, test %d, %d classes, images %s",
+                 name, builder.data_dir, folder, len(data.train_labels), len(data.val_labels),
+                 len(data.test_labels), data.num_classes, data.image_shape)
+    return data
 
 
 def _assemble(name, train_images, train_labels, test_images, test_labels, names, known,
@@ -534,7 +595,9 @@ class ClassBalancedSampler:
         if np.any(np.diff(data.train_labels) < 0):
             raise ValueError(f"{data.name}: train data must be sorted by class (use data.load)")
         self._data = data
-        if data.whitening is None:
+        if data.streamed:         # gathered per draw from the memory map (host), see _gather
+            self._images = None
+        elif data.whitening is None:
             self._images = tf.constant(data.train_images)  # uint8, class-sorted; normalised per draw
         else:   # whitened once here: per draw, the D x D product would add ~20 % to a DM forward
             self._images = tf.constant(to_model_array(data, data.train_images))
@@ -572,9 +635,12 @@ class ClassBalancedSampler:
             size = per_class // part[1]
             local, per_class = local[:, part[0] * size:(part[0] + 1) * size], size
         index = tf.reshape(local + self._offsets[:, None], [-1])
-        images = tf.gather(self._images, index)
-        if self._data.whitening is None:
-            images = to_model(self._data, images)
+        if self._images is None:                       # streamed: the same rows, read from disk
+            images = to_model(self._data, _read_rows(self._data.train_images, index))
+        else:
+            images = tf.gather(self._images, index)
+            if self._data.whitening is None:
+                images = to_model(self._data, images)
         labels = tf.repeat(tf.range(c, dtype=tf.int32), per_class)
         return images, labels
 
@@ -598,6 +664,8 @@ def train_dataset(data: RealData, batch_size: int, seed: int) -> tf.data.Dataset
     every iteration of the returned dataset: pass a new seed per epoch for a new order.
     """
     order = np.random.default_rng(seed).permutation(len(data.train_labels))
+    if data.streamed:           # the same batches, each read from the memory map when needed
+        return _read_batches(data.train_images, data.train_labels, order, batch_size, data)
     return _batches(data.train_images[order], data.train_labels[order], batch_size, data)
 
 
@@ -614,6 +682,26 @@ def val_dataset(data: RealData, batch_size: int = 500) -> tf.data.Dataset | None
 def _batches(images, labels, batch_size, data):
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(images, np.memmap):
+        return _read_batches(images, labels, np.arange(len(labels)), batch_size, data)
     ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
     return ds.batch(batch_size).map(lambda x, y: (to_model(data, x), y),
                                     num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+
+
+def _read_rows(images: np.ndarray, index) -> tf.Tensor:
+    """uint8 rows `index` of a (memory-mapped) array, read on the host when the graph runs.
+    A host read cannot be XLA-compiled: streamed data and --jit_compile do not go together."""
+    rows = tf.numpy_function(lambda i: np.asarray(images[np.asarray(i)]), [index], tf.uint8, stateful=False)
+    rows.set_shape([None, *images.shape[1:]])
+    return rows
+
+
+def _read_batches(images, labels, order, batch_size, data):
+    """Batches of rows `order` of a memory-mapped split, read ahead in the background."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    labels = tf.constant(np.asarray(labels, np.int32))
+    ds = tf.data.Dataset.from_tensor_slices(np.asarray(order, np.int64)).batch(batch_size)
+    return ds.map(lambda i: (to_model(data, _read_rows(images, i)), tf.gather(labels, i)),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)

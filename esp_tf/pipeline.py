@@ -31,6 +31,7 @@ from esp_tf import cli, cluster, fs, workdir as wd
 # choices (eval.json holds one cell per method and architecture; exports are named), and how the
 # exact gradient is split into pieces (syn_chunk: the same gradient up to float rounding).
 _RERUN_SAFE = {"phases", "log_every", "ckpt_every", "restart", "jit_compile", "syn_chunk", "accept_weak_experts",
+               "real_data", "real_cache_dir",          # the same arrays, in memory or memory-mapped
                "data_dir", "experts_dir",
                "workdir", "download", "verbose", "eval_arch", "baselines", "export_name",
                "worker_index", "num_workers", "strategy"}
@@ -172,13 +173,14 @@ def _check_data(s, real):
 def _setup(s, quiet: bool = False):
     import tensorflow as tf
     from esp_tf import data as data_lib, models
-    from esp_tf import folder
+    from esp_tf import folder, streamed
     tf.config.set_soft_device_placement(True)
     name = folder.name_for(folder.parse(s.dataset)[0], s.image_size) if folder.is_folder(s.dataset) else s.dataset
     try:
-        real = data_lib.load(name, s.data_dir, val_per_class=s.val_per_class,
-                             download=s.download, zca=s.zca)
-    except folder.FolderError as e:
+        real = data_lib.load(name, s.data_dir, val_per_class=s.val_per_class, download=s.download,
+                             zca=s.zca, real_data="memory" if folder.is_folder(name) else s.real_data,
+                             cache_dir=s.real_cache_dir)
+    except (folder.FolderError, streamed.CacheError) as e:
         raise wd.UserError(str(e)) from e
     except ValueError as e:
         if s.val_per_class and "val_per_class" in str(e):
@@ -186,8 +188,9 @@ def _setup(s, quiet: bool = False):
         raise
     val = f" / val {len(real.val_labels)}" if len(real.val_labels) else ""
     if not quiet:
+        how = (f", streamed from {os.path.dirname(real.train_images.filename)}" if real.streamed else "")
         wd.say(f"data: {real.name} train {len(real.train_labels)}{val} / test {len(real.test_labels)} images, "
-           f"{real.num_classes} classes, shape {real.image_shape}")
+               f"{real.num_classes} classes, shape {real.image_shape}{how}")
     model = models.build(s.model, real.image_shape, real.num_classes,
                          width=s.width, depth=s.depth)
     return real, models.FlatModel(model)
@@ -298,7 +301,8 @@ def phase_evaluate(s, real, net, store, images, labels):
     import tensorflow as tf
     from esp_tf import data as data_lib, evaluate, saved_models
     config = cli.eval_config(s)
-    test_x = data_lib.to_model_array(real, real.test_images)
+    test_x = (data_lib.test_dataset(real) if real.streamed    # read as the evaluation goes
+              else data_lib.to_model_array(real, real.test_images))
     val = data_lib.val_dataset(real)
     results = wd.read_results(_path(s, "eval.json"))
     sets = {s.method: (images, labels), **_baseline_sets(s, real, net, store)}

@@ -231,6 +231,8 @@ def test_3_bad_settings_fail_before_any_work_and_write_no_flags_txt(tmp_path, ba
     (dict(dataset="folder:"), "--dataset=folder: needs a folder"),
     (dict(image_size=32), "--image_size=32 applies to --dataset=folder:<dir> only"),
     (dict(phases=[]), "--phases is empty"),
+    (dict(dataset="folder:/x", real_data="stream"), "--real_data=stream reads TFDS datasets"),
+    (dict(real_data="stream", jit_compile=True), "XLA cannot compile"),
 ])
 def test_3_every_out_of_range_flag_is_named_before_any_work(tmp_path, bad, message):
     from esp_tf import cli
