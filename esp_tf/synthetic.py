@@ -140,6 +140,13 @@ class PixelSynthetic(tf.Module):
         return cls(num_classes, s.ipc, image_shape, init=s.init, real_images=real_images, seed=s.seed,
                    pixel_range=pixel_range, range_map=s.range_map)
 
+    # the run settings (flags) this parameterisation reads: part of a run's identity only when
+    # the run uses it (pipeline.identity_flags)
+    setting_flags = ("pixels_lr",)
+    # condense.CondenseSettings overrides that make a tiny set of this kind, for the shared test
+    # harnesses (tests/test_condense.py, tests/test_gpu_ready.py)
+    tiny_settings = {"ipc": 2}
+
     @classmethod
     def learning_rates(cls, s, method) -> dict:
         """Group -> (optimizer factory, learning rate): pixels take the method's own optimizer
@@ -449,6 +456,10 @@ class LatentSynthetic(tf.Module):
         return cls(num_classes, s.ipc, image_shape, init=s.init, real_images=real_images, seed=s.seed,
                    pixel_range=pixel_range, range_map=s.range_map, residual_init=s.decoder_init,
                    **cls._design(s))
+
+    setting_flags = ("codes_lr", "decoders_lr", "num_decoders", "latent_downsample", "latent_channels",
+                     "decoder", "decoder_hidden", "decoder_init")
+    tiny_settings = {"ipc": 4, "num_decoders": 2}
 
     @classmethod
     def learning_rates(cls, s, method) -> dict:

@@ -241,6 +241,33 @@ def test_3_every_out_of_range_flag_is_named_before_any_work(tmp_path, bad, messa
     assert cli.validate(cli.settings(workdir=str(tmp_path))) == []
 
 
+def test_3_a_run_is_identified_by_the_settings_it_uses_only(run_copy, monkeypatch):
+    """Another method's or the other parameterisation's settings, and where the data live, never
+    refuse a finished run; the run's own method settings do; a flags.txt of an older version
+    (without flags added since) resumes; a flag of no identity class fails here."""
+    import dataclasses
+    from esp_tf import cli, pipeline, workdir as wd
+    tmp, work, before = run_copy
+    recorded = wd.parse_flags_file(str(work / "flags.txt"))
+    base = dataclasses.replace(cli.from_values(recorded), workdir=str(work))
+    assert base.method == "esp" and base.param == "pixels"
+    for change in (dict(student_lr_init=0.05, student_lr_lr=1e-6),     # tm's
+                   dict(codes_lr=0.05, num_decoders=8, decoder="transposed"),   # latents'
+                   dict(real_data="stream", syn_chunk=3)):
+        assert pipeline.prepare_workdir(dataclasses.replace(base, **change)) is not None, change
+    for change in (dict(real_per_class=8), dict(beta=0.5), dict(pixels_lr=0.5), dict(segment_length=1)):
+        with pytest.raises(wd.UserError, match=list(change)[0]):
+            pipeline.prepare_workdir(dataclasses.replace(base, **change))
+    older = "".join(line + "\n" for line in (work / "flags.txt").read_text().splitlines()
+                    if not line.startswith(("--decoder_init", "--real_data", "--image_size", "--zca")))
+    (work / "flags.txt").write_text(older)
+    assert pipeline.prepare_workdir(base) is not None
+    assert _snapshot(work) == {**before, "flags.txt": older.encode()}     # nothing moved or lost
+    monkeypatch.setattr(cli, "NAMES", cli.NAMES + ("brand_new_flag",))
+    with pytest.raises(KeyError, match="brand_new_flag"):
+        pipeline._owned_flags()
+
+
 def test_3_changing_only_evaluation_flags_keeps_the_condensation(run_copy):
     tmp, work, before = run_copy
     out = _ok(_train(tmp, [f"--workdir={work}", "--phases=evaluate"] + TINY

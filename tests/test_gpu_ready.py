@@ -10,12 +10,12 @@ import pytest
 import tensorflow as tf
 
 from conftest import fake_real, tiny_net
-from esp_tf import augment, data as data_lib, experts, methods, subspace
+from esp_tf import augment, condense, data as data_lib, experts, methods, subspace
 from esp_tf.methods import dm, esp, tm
 from esp_tf.methods.base import Context
-from esp_tf.synthetic import LatentSynthetic, PixelSynthetic
+from esp_tf.synthetic import PARAMETERISATIONS
 
-C, IPC, HW = 3, 2, 8
+C, HW = 3, 8
 # Graph ops that call back into the Python interpreter: each would stop a GPU step on the host.
 HOST_CALLBACK_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
 
@@ -33,9 +33,10 @@ def _net():
 
 
 def _synthetic(param="pixels"):
-    if param == "latents":
-        return LatentSynthetic(C, 1, (HW, HW, 1), init="gaussian", num_decoders=2, hidden=2, seed=0)
-    return PixelSynthetic(C, IPC, (HW, HW, 1), init="gaussian", seed=0)
+    """A tiny Gaussian-init set of any registered parameterisation, from its own tiny settings."""
+    kind = PARAMETERISATIONS[param]
+    s = condense.CondenseSettings(workdir="", param=param, init="gaussian", **kind.tiny_settings)
+    return kind.from_settings(s, C, (HW, HW, 1), None, None)
 
 
 def _sampler():
@@ -84,7 +85,8 @@ def test_every_registered_method_has_its_compiled_step_checked_here():
     assert set(METHODS) == set(methods.NAMES), "add the new method's step to METHODS"
 
 
-@pytest.mark.parametrize("method,param", [(m, "pixels") for m in METHODS] + [("esp", "latents")])
+@pytest.mark.parametrize("method,param", [(m, "pixels") for m in METHODS]
+                         + [("esp", p) for p in PARAMETERISATIONS if p != "pixels"])
 def test_compiled_condensation_step_has_no_host_callback_and_traces_once(method, param):
     step, _, call, concrete = METHODS[method](jit=False, param=param)
     for n in range(3):                      # new seeds and new variable values, same shapes
