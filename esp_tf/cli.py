@@ -15,137 +15,147 @@ from absl import flags
 from esp_tf import shared_flags    # --data_dir, --seed, --verbose and the --eval_* settings
 from esp_tf.methods import NAMES as METHOD_NAMES
 
-flags.adopt_module_key_flags(shared_flags)   # listed by --help and recorded in flags.txt as ours
-FLAGS = flags.FLAGS
+# The flags live in this registry, not absl's global one: importing the library (esp_tf.pipeline
+# imports this module) defines no flag. The command lines `install()` them before parsing.
+REGISTRY = flags.FlagValues()
+shared_flags.install(__name__, REGISTRY)     # listed by --help and recorded in flags.txt as ours
+FLAGS = REGISTRY
 PHASES = ("experts", "condense", "evaluate", "export")
 
 # -- data & model ------------------------------------------------------------------------
 flags.DEFINE_string("dataset", "fashion_mnist_mini", "TFDS dataset name (embedded default needs no download), "
-                    "or folder:<dir> for your own images (one subfolder per class; README 'Your own images').")
+                    "or folder:<dir> for your own images (one subfolder per class; README 'Your own images').", flag_values=REGISTRY)
 flags.DEFINE_integer("image_size", 0, "--dataset=folder:<dir> only: resize every image to this many pixels "
-                     "square (0: keep the images' own size, which they must then share).")
+                     "square (0: keep the images' own size, which they must then share).", flag_values=REGISTRY)
 flags.DEFINE_bool("download", True, "Download and prepare a missing dataset through TFDS, as tfds.load "
-                  "does (needs network); --nodownload: only read prepared data (tests, benchmarks).")
-flags.DEFINE_string("workdir", None, "Output directory of this run (flags, checkpoints, metrics, exports).")
-flags.DEFINE_string("experts_dir", None, "Trajectory store; default <workdir>/experts. Share it across runs.")
-flags.DEFINE_string("model", "convnet3", "Student/expert network (models.ARCHS).")
-flags.DEFINE_integer("width", 128, "ConvNet width (128 in the field's ConvNet-3).")
-flags.DEFINE_integer("depth", 3, "ConvNet depth (3 in the field's ConvNet-3).")
-flags.DEFINE_list("phases", list(PHASES), "Phases to run, in this order: " + ",".join(PHASES))
+                  "does (needs network); --nodownload: only read prepared data (tests, benchmarks).", flag_values=REGISTRY)
+flags.DEFINE_string("workdir", None, "Output directory of this run (flags, checkpoints, metrics, exports).", flag_values=REGISTRY)
+flags.DEFINE_string("experts_dir", None, "Trajectory store; default <workdir>/experts. Share it across runs.", flag_values=REGISTRY)
+flags.DEFINE_string("model", "convnet3", "Student/expert network (models.ARCHS).", flag_values=REGISTRY)
+flags.DEFINE_integer("width", 128, "ConvNet width (128 in the field's ConvNet-3).", flag_values=REGISTRY)
+flags.DEFINE_integer("depth", 3, "ConvNet depth (3 in the field's ConvNet-3).", flag_values=REGISTRY)
+flags.DEFINE_list("phases", list(PHASES), "Phases to run, in this order: " + ",".join(PHASES), flag_values=REGISTRY)
 flags.DEFINE_integer("val_per_class", 0, "Hold out this many training images per class as a "
                      "validation split (class-balanced, fixed seed): experts and condensation never "
                      "see them, and evaluation scores them beside the test split. Choose "
-                     "hyper-parameters on it, never on the test split. 0: no validation split.")
+                     "hyper-parameters on it, never on the test split. 0: no validation split.", flag_values=REGISTRY)
 flags.DEFINE_enum("real_data", "auto", ["auto", "memory", "stream"], "How real images are held: "
                   "'memory' reads the splits whole; 'stream' writes them once to a class-sorted uint8 cache "
                   "on disk (--real_cache_dir) and reads every batch from it, memory-mapped, so datasets "
                   "larger than memory work and draw the same images; 'auto' streams splits larger than "
-                  "1/8 of this machine's memory. TFDS datasets only (folder: datasets are read whole).")
+                  "1/8 of this machine's memory. TFDS datasets only (folder: datasets are read whole).", flag_values=REGISTRY)
 flags.DEFINE_string("real_cache_dir", None, "Local directory of the streamed-data cache (--real_data); "
-                    "default <data_dir>/esp_tf_cache. Runs of one dataset share it.")
+                    "default <data_dir>/esp_tf_cache. Runs of one dataset share it.", flag_values=REGISTRY)
 flags.DEFINE_bool("zca", False, "ZCA-whiten the network inputs (fit on the training images, eps 0.1, "
                   "as MTT does for CIFAR at IPC 1 and 10) instead of per-channel mean/std; experts, "
-                  "condensation and evaluation all see whitened images. Needs --noclip_pixels.")
+                  "condensation and evaluation all see whitened images. Needs --noclip_pixels.", flag_values=REGISTRY)
 
 # -- experts (MTT's buffer recipe) -------------------------------------------------------
-flags.DEFINE_integer("num_experts", 100, "Expert trajectories to train (MTT 100, ESP paper 1000).")
-flags.DEFINE_integer("expert_epochs", 50, "Epochs per expert; snapshots = epochs + 1.")
-flags.DEFINE_float("expert_lr", 0.01, "Expert SGD learning rate (constant, no momentum).")
-flags.DEFINE_integer("expert_batch", 256, "Expert batch size.")
+flags.DEFINE_integer("num_experts", 100, "Expert trajectories to train (MTT 100, ESP paper 1000).", flag_values=REGISTRY)
+flags.DEFINE_integer("expert_epochs", 50, "Epochs per expert; snapshots = epochs + 1.", flag_values=REGISTRY)
+flags.DEFINE_float("expert_lr", 0.01, "Expert SGD learning rate (constant, no momentum).", flag_values=REGISTRY)
+flags.DEFINE_integer("expert_batch", 256, "Expert batch size.", flag_values=REGISTRY)
 flags.DEFINE_bool("accept_weak_experts", False, "Store experts whose test accuracy stays within 1.5x "
-                  "of chance (they learned nothing, e.g. a diverged --expert_lr); refused by default.")
-flags.DEFINE_bool("expert_dsa", True, "DSA augmentation while training experts (MTT: on).")
+                  "of chance (they learned nothing, e.g. a diverged --expert_lr); refused by default.", flag_values=REGISTRY)
+flags.DEFINE_bool("expert_dsa", True, "DSA augmentation while training experts (MTT: on).", flag_values=REGISTRY)
 
 # -- ESP condensation --------------------------------------------------------------------
 flags.DEFINE_enum("method", "esp", list(METHOD_NAMES),
                   "Condensation method (esp_tf.methods): esp, or the baselines dm (distribution "
                   "matching) and tm (MTT). Flags marked 'method setting' default to the method's own "
-                  "(its Config in esp_tf/methods/<method>.py); flags.txt records the values used.")
+                  "(its Config in esp_tf/methods/<method>.py); flags.txt records the values used.", flag_values=REGISTRY)
 flags.DEFINE_enum("param", "pixels", ["pixels", "latents"],
-                  "Synthetic-set parameterisation: pixels, or latent codes + shared decoders (paper 4.2, after KFS).")
-flags.DEFINE_integer("ipc", 1, "Images per class of the condensed set (the storage budget).")
-flags.DEFINE_enum("init", "real", ["real", "gaussian"], "Synthetic init: real images or Gaussian noise (paper).")
-flags.DEFINE_integer("iterations", 1000, "Outer iterations; each picks a new expert segment.")
+                  "Synthetic-set parameterisation: pixels, or latent codes + shared decoders (paper 4.2, after KFS).", flag_values=REGISTRY)
+flags.DEFINE_integer("ipc", 1, "Images per class of the condensed set (the storage budget).", flag_values=REGISTRY)
+flags.DEFINE_enum("init", "real", ["real", "gaussian"], "Synthetic init: real images or Gaussian noise (paper).", flag_values=REGISTRY)
+flags.DEFINE_integer("iterations", 1000, "Outer iterations; each picks a new expert segment.", flag_values=REGISTRY)
 flags.DEFINE_integer("inner_steps", None, "Method setting. esp: N projected student steps (= synthetic "
-                     "updates) per iteration; tm: unrolled student steps per update.")
-flags.DEFINE_integer("segment_length", 2, "T: expert epochs spanned by one subspace (T+1 snapshots).")
+                     "updates) per iteration; tm: unrolled student steps per update.", flag_values=REGISTRY)
+flags.DEFINE_integer("segment_length", 2, "T: expert epochs spanned by one subspace (T+1 snapshots).", flag_values=REGISTRY)
 flags.DEFINE_integer("max_start_epoch", 20, "Segments start at an epoch drawn from 0..this-1 (exclusive, "
-                     "as MTT's max_start_epoch); experts need this - 1 + --segment_length epochs.")
-flags.DEFINE_float("beta", None, "Method setting (esp). Weight of the projection loss (paper 4.2).")
-flags.DEFINE_float("inner_lr", None, "Method setting (esp). Projected-SGD student learning rate (paper 4.2).")
+                     "as MTT's max_start_epoch); experts need this - 1 + --segment_length epochs.", flag_values=REGISTRY)
+flags.DEFINE_float("beta", None, "Method setting (esp). Weight of the projection loss (paper 4.2).", flag_values=REGISTRY)
+flags.DEFINE_float("inner_lr", None, "Method setting (esp). Projected-SGD student learning rate (paper 4.2).", flag_values=REGISTRY)
 flags.DEFINE_list("losses", None, "Method setting (esp). Outer loss terms: proj, dm or both (paper "
-                  "Table 4); default both.")
+                  "Table 4); default both.", flag_values=REGISTRY)
 flags.DEFINE_enum("dm_reduction", None, ["sum", "class_mean", "element_mean"],
                   "Method setting (esp). How ESP's L_DM reduces the squared distances of class-mean embeddings: sum over "
                   "classes and features (DM's code), class_mean (eq. 8 as written), element_mean "
                   "(MSE; chosen on a validation split, see BENCHMARKS.md). Sets what --beta means; "
-                  "metrics.jsonl logs the resulting pull ratio ('pull').")
+                  "metrics.jsonl logs the resulting pull ratio ('pull').", flag_values=REGISTRY)
 flags.DEFINE_integer("real_per_class", None, "Method setting (esp, dm). Real images per class in each "
-                     "DM term.")
+                     "DM term.", flag_values=REGISTRY)
 flags.DEFINE_float("pixels_lr", None, "Learning rate of synthetic pixels; default: the method's own "
-                   "(Method.default_lr_pixels, with its optimizer: Adam for esp, SGD with momentum 0.5 for dm and tm).")
+                   "(Method.default_lr_pixels, with its optimizer: Adam for esp, SGD with momentum 0.5 for dm and tm).", flag_values=REGISTRY)
 flags.DEFINE_integer("syn_batch", None, "Method setting (esp, tm). Synthetic images per update (0 or "
                      "unset = all): esp takes a random "
-                     "class-balanced slice (the paper's Figure 8 study); tm per unrolled step (MTT's batch_syn).")
+                     "class-balanced slice (the paper's Figure 8 study); tm per unrolled step (MTT's batch_syn).", flag_values=REGISTRY)
 flags.DEFINE_integer("syn_chunk", None, "Method setting (esp, dm). The exact gradient over the whole "
                      "synthetic set is computed in pieces of at most this many renders, so memory grows "
                      "with the piece, not the set (esp_tf/chunks.py); unset: 256 at 32x32, scaled by the "
                      "image area; 0: the whole set at once. Sets no larger than one piece cost nothing "
-                     "extra; larger ones about one more forward pass.")
-flags.DEFINE_float("student_lr_init", None, "Method setting (tm). Initial value of the learnable student lr (MTT's lr_teacher).")
-flags.DEFINE_float("student_lr_lr", None, "Method setting (tm). SGD lr of the learnable student lr (MTT's lr_lr).")
-flags.DEFINE_float("codes_lr", 0.1, "Adam lr of latent codes (paper 4.2; --param=latents).")
-flags.DEFINE_float("decoders_lr", 0.01, "Adam lr of the shared decoders (paper 4.2; --param=latents).")
-flags.DEFINE_integer("num_decoders", 4, "Shared decoders; images per class = codes x decoders (--param=latents).")
-flags.DEFINE_integer("latent_downsample", 2, "Latent codes are image size / this (--param=latents).")
+                     "extra; larger ones about one more forward pass.", flag_values=REGISTRY)
+flags.DEFINE_float("student_lr_init", None, "Method setting (tm). Initial value of the learnable student lr (MTT's lr_teacher).", flag_values=REGISTRY)
+flags.DEFINE_float("student_lr_lr", None, "Method setting (tm). SGD lr of the learnable student lr (MTT's lr_lr).", flag_values=REGISTRY)
+flags.DEFINE_float("codes_lr", 0.1, "Adam lr of latent codes (paper 4.2; --param=latents).", flag_values=REGISTRY)
+flags.DEFINE_float("decoders_lr", 0.01, "Adam lr of the shared decoders (paper 4.2; --param=latents).", flag_values=REGISTRY)
+flags.DEFINE_integer("num_decoders", 4, "Shared decoders; images per class = codes x decoders (--param=latents).", flag_values=REGISTRY)
+flags.DEFINE_integer("latent_downsample", 2, "Latent codes are image size / this (--param=latents).", flag_values=REGISTRY)
 flags.DEFINE_integer("latent_channels", None, "Channels of a latent code; default: the image's "
-                     "(--param=latents; the first image-channels carry the real-image init).")
+                     "(--param=latents; the first image-channels carry the real-image init).", flag_values=REGISTRY)
 flags.DEFINE_enum("decoder", "residual", ["residual", "transposed"], "Decoder architecture (--param="
                   "latents; esp_tf/synthetic.py): residual (conv3x3 on the code, bilinear upsampling, "
                   "conv3x3) or transposed (a learned upsampling by a transposed convolution, as KFS), "
-                  "each beside an identity-initialised linear skip.")
+                  "each beside an identity-initialised linear skip.", flag_values=REGISTRY)
 flags.DEFINE_integer("decoder_hidden", 16, "Channels inside each decoder (--param=latents); the "
-                     "decoders' floats count against the budget.")
+                     "decoders' floats count against the budget.", flag_values=REGISTRY)
 flags.DEFINE_float("decoder_init", 0.1, "Scale of each decoder's residual branch at init, in "
-                   "normalised pixel units (--param=latents): how differently the decoders start.")
-flags.DEFINE_enum("lr_schedule", "linear", ["linear", "constant"], "Synthetic lr schedule (paper: linear decay).")
-flags.DEFINE_bool("dsa", True, "Differentiable Siamese augmentation during condensation.")
+                   "normalised pixel units (--param=latents): how differently the decoders start.", flag_values=REGISTRY)
+flags.DEFINE_enum("lr_schedule", "linear", ["linear", "constant"], "Synthetic lr schedule (paper: linear decay).", flag_values=REGISTRY)
+flags.DEFINE_bool("dsa", True, "Differentiable Siamese augmentation during condensation.", flag_values=REGISTRY)
 flags.DEFINE_bool("clip_pixels", True, "Clip synthetic renders to the real pixel range 0..255 (valid "
-                  "images for uint8 export and BatchNorm networks); --noclip_pixels: unbounded.")
+                  "images for uint8 export and BatchNorm networks); --noclip_pixels: unbounded.", flag_values=REGISTRY)
 flags.DEFINE_enum("range_map", "clip", ["clip", "tanh"], "How --clip_pixels keeps renders inside the "
                   "pixel range: clip (a value at a bound gets no gradient), or tanh (a smooth map into "
-                  "the range; every value keeps its gradient).")
-flags.DEFINE_bool("jit_compile", False, "XLA-compile the ESP step (recommended on GPU).")
+                  "the range; every value keeps its gradient).", flag_values=REGISTRY)
+flags.DEFINE_bool("jit_compile", False, "XLA-compile the ESP step (recommended on GPU).", flag_values=REGISTRY)
 # -- scaling out (README "Scaling out"; scheduling only: a rerun may change them) ---------------
 flags.DEFINE_integer("worker_index", None, "This worker's index among --num_workers expert-generation "
                      "workers (trains experts k with k %% num_workers == worker_index into the shared "
-                     "--experts_dir); default: from TF_CONFIG, else the only worker.")
+                     "--experts_dir); default: from TF_CONFIG, else the only worker.", flag_values=REGISTRY)
 flags.DEFINE_integer("num_workers", None, "Expert-generation workers filling one --experts_dir "
-                     "(with --worker_index); default: the chief + worker tasks of TF_CONFIG, else 1.")
+                     "(with --worker_index); default: the chief + worker tasks of TF_CONFIG, else 1.", flag_values=REGISTRY)
 flags.DEFINE_enum("strategy", "none", ["none", "mirrored", "multi_worker"], "tf.distribute strategy "
                   "of the condensation: none (one device), mirrored (every local GPU, data-parallel), "
-                  "multi_worker (MultiWorkerMirroredStrategy across the TF_CONFIG cluster).")
-flags.DEFINE_integer("ckpt_every", 50, "Checkpoint the synthetic set every this many iterations.")
-flags.DEFINE_integer("log_every", 10, "Log metrics every this many iterations.")
+                  "multi_worker (MultiWorkerMirroredStrategy across the TF_CONFIG cluster).", flag_values=REGISTRY)
+flags.DEFINE_integer("ckpt_every", 50, "Checkpoint the synthetic set every this many iterations.", flag_values=REGISTRY)
+flags.DEFINE_integer("log_every", 10, "Log metrics every this many iterations.", flag_values=REGISTRY)
 
 # -- evaluation (standard protocol; --eval_epochs/_runs/_batch/_lr/_dsa are in shared_flags) ---
 flags.DEFINE_string("eval_arch", None, "Architecture trained on the condensed set (models.ARCHS); "
                     "default: the condensation network (--model/--depth), as the field evaluates "
-                    "ConvNet-3 sets on ConvNet-3 and Tiny ImageNet's ConvNet-4 sets on ConvNet-4.")
+                    "ConvNet-3 sets on ConvNet-3 and Tiny ImageNet's ConvNet-4 sets on ConvNet-4.", flag_values=REGISTRY)
 flags.DEFINE_list("baselines", ["random"], "Real-subset baselines evaluated beside the condensed set: "
-                  "random, herding (on expert 0's final embeddings).")
+                  "random, herding (on expert 0's final embeddings).", flag_values=REGISTRY)
 
 flags.DEFINE_bool("restart", False, "Start over in --workdir: its results are moved aside into "
-                  "<workdir>/previous-<time>/ (nothing is deleted; experts are kept).")
+                  "<workdir>/previous-<time>/ (nothing is deleted; experts are kept).", flag_values=REGISTRY)
 
 # -- export ------------------------------------------------------------------------------
-flags.DEFINE_string("export_name", None, "TFDS name of the exported set (default esp_<dataset>_ipc<k>).")
+flags.DEFINE_string("export_name", None, "TFDS name of the exported set (default esp_<dataset>_ipc<k>).", flag_values=REGISTRY)
 
 
 # =====================================================================================
 # Settings: the flags above as one frozen value, for the library and the command line alike
 # =====================================================================================
-NAMES = tuple(f.name for f in FLAGS.get_key_flags_for_module(__name__))   # ours + the shared ones
+NAMES = tuple(REGISTRY)                       # the shared ones, then ours, in definition order
+
+
+def install(flag_values=flags.FLAGS) -> None:
+    """Defines the command line's flags in absl's global registry (the same Flag objects, so
+    parsing it fills `REGISTRY`): the command lines and tools that parse train's flags call it
+    before parsing. Twice is once."""
+    shared_flags.install(__name__, flag_values, REGISTRY)
 # Run options that are not settings of the result (not recorded in flags.txt).
 _NOT_RECORDED = ("restart", "verbose")
 Settings = dataclasses.make_dataclass(

@@ -20,7 +20,7 @@ from absl import flags
 from esp_tf import shared_flags, workdir as wd
 from esp_tf.workdir import ARCH_ORDER as _ARCH_ORDER   # the paper's Table 2 column order
 
-flags.adopt_module_key_flags(shared_flags)   # --data_dir, --seed, --verbose, --eval_*: as train's
+shared_flags.install(__name__)   # --data_dir, --seed, --verbose, --eval_*: as train's (a CLI module)
 FLAGS = flags.FLAGS
 PROTOCOL_NAMES = ("standard", "idc")   # evaluate.PROTOCOLS, named here so --help needs no TensorFlow
 

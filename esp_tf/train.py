@@ -13,10 +13,11 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from absl import app, logging
+from absl import app, flags, logging
 
 from esp_tf import cli, workdir as wd
-from esp_tf.cli import FLAGS
+
+FLAGS = flags.FLAGS       # absl's global registry; run() installs the command line's flags in it
 
 
 def main(argv):
@@ -48,6 +49,7 @@ def _late_user_errors() -> tuple:
 
 
 def run():
+    cli.install()
     wd.run_cli(main, wd.flags_parser(__doc__, cli.__name__, wd.RENAMED_TRAIN_FLAGS),
                interrupted="interrupted. Rerun the same command to resume: finished experts and phases "
                            "are kept and the condensation continues from its last checkpoint.",

@@ -9,6 +9,12 @@ import pathlib
 import pytest
 from absl import flags
 
+# The command lines' flags live in their own registries (importing the library defines none);
+# tests that parse them do so through absl's global registry, as the command lines do.
+from esp_tf import cli, evaluate_cli  # noqa: E402,F401  (evaluate_cli installs its flags on import)
+
+cli.install()
+
 # absl flags are unparsed under pytest: parse once with a fake argv (never pytest's own).
 if not flags.FLAGS.is_parsed():
     flags.FLAGS(["pytest"])

@@ -3,6 +3,7 @@ artifact; the CLI replays its flags.txt, resumes and refuses clashes; tools read
 import contextlib
 import io
 import json
+import time
 import subprocess
 
 import numpy as np
@@ -168,6 +169,23 @@ def test_help_lists_the_tools_own_flags_without_loading_tensorflow():
     assert "--lr_codes (now --codes_lr)" in out.stdout                        # deprecated names
     assert "--only_check_args" not in out.stdout        # not absl's own flags (--helpfull has them)
     assert out.stdout.rstrip().endswith("TF loaded: False")
+
+
+def test_importing_the_library_defines_no_absl_flag_and_help_is_fast():
+    # the libraries esp_tf builds on define absl flags of their own (absl.app, TensorFlow): first
+    code = ("from absl import app, flags, logging; import tensorflow, tensorflow_datasets, keras; "
+            "before = set(flags.FLAGS); "
+            "import esp_tf.pipeline, esp_tf.condense, esp_tf.data, esp_tf.evaluate; from esp_tf import cli; "
+            "s = cli.settings(ipc=3); print('new flags:', sorted(set(flags.FLAGS) - before), s.ipc)")
+    out = run_python(["-c", code], check=True)
+    assert "new flags: [] 3" in out.stdout
+    start = time.perf_counter()
+    out = run_python(["-m", "esp_tf.train", "--help"], check=True)
+    seconds = time.perf_counter() - start
+    from esp_tf import cli
+    missing = [n for n in cli.NAMES if f"--{n}:" not in out.stdout and f"--[no]{n}:" not in out.stdout]
+    assert not missing, missing
+    assert seconds < 10, seconds      # ~0.1 s here: no TensorFlow import; loose against a busy machine
 
 
 # ------------------------------------------------ flag names of esp_tf 0.2 and their deprecated aliases

@@ -14,9 +14,11 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app
+from absl import app, flags
 
-from esp_tf.cli import FLAGS      # the run's own flags; this tool reads --data_dir (optional)
+from esp_tf import cli
+cli.install()      # the run's own flags; this tool reads --data_dir (optional)
+FLAGS = flags.FLAGS
 
 
 def main(argv):

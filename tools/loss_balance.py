@@ -17,7 +17,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 
-from esp_tf.cli import FLAGS      # --workdir is the run's own flag: the finished run to read
+from esp_tf import cli
+cli.install()      # --workdir is the run's own flag: the finished run to read
+FLAGS = flags.FLAGS
 
 flags.DEFINE_integer("segments", 5, "Random expert segments to average over.")
 

@@ -17,7 +17,9 @@ import sys
 
 from absl import app, flags
 
-from esp_tf.cli import FLAGS      # --workdir (the finished run to read) and --data_dir (its source
+from esp_tf import cli
+cli.install()      # --workdir (the finished run to read) and --data_dir (its source
+FLAGS = flags.FLAGS
 #                                  dataset's TFDS data_dir; default: the recorded one) are the run's own flags
 
 flags.DEFINE_string("out", None, "Path of the .npz to write (its .json sidecar goes beside it).")
