@@ -282,12 +282,12 @@ def validate(s: Settings) -> list:
         if s.real_data == "stream":
             errors.append("--real_data=stream reads TFDS datasets; a folder: dataset is read into memory "
                           "(drop the flag, or prepare the folder as a TFDS dataset with `tfds build`)")
-    if s.real_data == "stream" and s.jit_compile:
-        errors.append("--real_data=stream reads real batches on the host, which XLA cannot compile: "
-                      "drop --jit_compile or use --real_data=memory")
     elif not re.fullmatch(_DATASET_NAME, s.dataset or ""):
         errors.append(f"--dataset={s.dataset!r} is not a TFDS dataset name (name, name/config or "
                       "name:version, e.g. cifar10 or fashion_mnist:3.0.1)")
+    if s.real_data == "stream" and s.jit_compile:
+        errors.append("--real_data=stream reads real batches on the host, which XLA cannot compile: "
+                      "drop --jit_compile or use --real_data=memory")
     if s.export_name is not None and not re.fullmatch(r"[a-z][a-z0-9_]*", s.export_name):
         errors.append(f"--export_name={s.export_name!r}: a TFDS name is snake_case ([a-z][a-z0-9_]*), "
                       "so tfds.load can read the export")
