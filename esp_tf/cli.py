@@ -13,7 +13,6 @@ import typing
 from absl import flags
 
 from esp_tf import shared_flags    # --data_dir, --seed, --verbose and the --eval_* settings
-from esp_tf.methods import NAMES as METHOD_NAMES
 
 # The flags live in this registry, not absl's global one: importing the library (esp_tf.pipeline
 # imports this module) defines no flag. The command lines `install()` them before parsing.
@@ -60,12 +59,13 @@ flags.DEFINE_bool("accept_weak_experts", False, "Store experts whose test accura
 flags.DEFINE_bool("expert_dsa", True, "DSA augmentation while training experts (MTT: on).", flag_values=REGISTRY)
 
 # -- ESP condensation --------------------------------------------------------------------
-flags.DEFINE_enum("method", "esp", list(METHOD_NAMES),
-                  "Condensation method (esp_tf.methods): esp, or the baselines dm (distribution "
+flags.DEFINE_string("method", "esp",
+                  "Condensation method (esp_tf.methods, or one registered there): esp, or the baselines dm (distribution "
                   "matching) and tm (MTT). Flags marked 'method setting' default to the method's own "
                   "(its Config in esp_tf/methods/<method>.py); flags.txt records the values used.", flag_values=REGISTRY)
-flags.DEFINE_enum("param", "pixels", ["pixels", "latents"],
-                  "Synthetic-set parameterisation: pixels, or latent codes + shared decoders (paper 4.2, after KFS).", flag_values=REGISTRY)
+flags.DEFINE_string("param", "pixels",
+                    "Synthetic-set parameterisation (synthetic.PARAMETERISATIONS, or one registered there): "
+                    "pixels, or latents: codes + shared decoders (paper 4.2, after KFS).", flag_values=REGISTRY)
 flags.DEFINE_integer("ipc", 1, "Images per class of the condensed set (the storage budget).", flag_values=REGISTRY)
 flags.DEFINE_enum("init", "real", ["real", "gaussian"], "Synthetic init: real images or Gaussian noise (paper).", flag_values=REGISTRY)
 flags.DEFINE_integer("iterations", 1000, "Outer iterations; each picks a new expert segment.", flag_values=REGISTRY)
@@ -208,10 +208,10 @@ def resolve(s: Settings) -> Settings:
     s.method does not read keeps the default of the first method that reads it). Raises
     UserError, naming the flag, for a value the method's config rejects."""
     from esp_tf import methods, workdir as wd
-    if s.method not in methods.NAMES:
-        raise wd.UserError(f"--method: unknown {s.method!r}; registered: {', '.join(methods.NAMES)}")
+    if s.method not in methods.names():
+        raise wd.UserError(f"--method: unknown {s.method!r}; registered: {', '.join(methods.names())}")
     filled = {}
-    for name in (s.method, *[n for n in methods.NAMES if n != s.method]):
+    for name in (s.method, *[n for n in methods.names() if n != s.method]):
         method = methods.get(name)
         try:
             config = method_config(s, name) if name == s.method else method.Config()
@@ -274,6 +274,9 @@ def validate(s: Settings) -> list:
     elif not s.phases:
         errors.append(f"--phases is empty: nothing would run; choose from {','.join(PHASES)}")
     errors += range_errors(s)
+    from esp_tf import synthetic as synthetic_lib       # the parameterisation registry
+    if s.param not in synthetic_lib.PARAMETERISATIONS:
+        errors.append(f"--param: unknown {s.param!r}; registered: {', '.join(synthetic_lib.PARAMETERISATIONS)}")
     if s.image_size and not (s.dataset or "").startswith("folder:"):
         errors.append(f"--image_size={s.image_size} applies to --dataset=folder:<dir> only")
     if (s.dataset or "").startswith("folder:"):

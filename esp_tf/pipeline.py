@@ -66,7 +66,7 @@ def _owned_flags() -> dict:
     in none of them is a KeyError here (tests/test_train.py keeps every flag classified)."""
     from esp_tf import methods, synthetic as synthetic_lib
     owners = {}
-    for name in methods.NAMES:
+    for name in methods.names():
         for flag in methods.get(name).flag_fields:
             owners.setdefault(flag, set()).add(f"method {name}")
     for name, kind in synthetic_lib.PARAMETERISATIONS.items():

@@ -469,7 +469,10 @@ class LatentSynthetic(tf.Module):
 
 
 # Parameterisations by name (--param). Each class gives the condensation loop the same interface:
-# real_images_needed, from_settings, learning_rates, variable_groups, render, budget.
+# real_images_needed, from_settings, learning_rates, variable_groups, render, budget, the
+# render_units / num_units / renders_per_unit of the whole-set gradient in pieces (chunks.py),
+# and the class attributes setting_flags and tiny_settings. A new one is its class plus one
+# entry here (`PARAMETERISATIONS[name] = cls` from outside the package).
 PARAMETERISATIONS = {"pixels": PixelSynthetic, "latents": LatentSynthetic}
 
 
