@@ -1,6 +1,7 @@
 """End-to-end: the pipeline on tiny settings (in-process, as a library call) writes every workdir
 artifact; the CLI replays its flags.txt, resumes and refuses clashes; tools read the run back."""
 import contextlib
+import dataclasses
 import io
 import json
 import time
@@ -186,6 +187,28 @@ def test_importing_the_library_defines_no_absl_flag_and_help_is_fast():
     missing = [n for n in cli.NAMES if f"--{n}:" not in out.stdout and f"--[no]{n}:" not in out.stdout]
     assert not missing, missing
     assert seconds < 10, seconds      # ~0.1 s here: no TensorFlow import; loose against a busy machine
+
+
+def test_a_workdir_written_by_an_older_release_resumes(tmp_path):
+    """tests/data/workdir_f926414_dm: a finished DM run written before identity came from the
+    settings a run uses (its flags.txt lacks every flag added since). It resumes as finished under
+    today's flags, and still refuses a change of a setting it used."""
+    import shutil
+    from esp_tf import cli, pipeline, workdir as wd
+    work = tmp_path / "old"
+    shutil.copytree(REPO / "tests" / "data" / "workdir_f926414_dm", work)
+    before = (work / "synthetic.npz").read_bytes()
+    recorded = wd.parse_flags_file(str(work / "flags.txt"))
+    assert "real_data" not in recorded and recorded["method"] == "dm"
+    settings = dataclasses.replace(cli.from_values(recorded), workdir=str(work), data_dir=str(tmp_path / "tfds"),
+                                   experts_dir=None, phases=["condense"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        pipeline.run(settings, str(work))
+    assert "same settings: resuming" in printed.getvalue()
+    assert (work / "synthetic.npz").read_bytes() == before
+    with pytest.raises(wd.UserError, match="real_per_class"):
+        pipeline.run(dataclasses.replace(settings, real_per_class=8), str(work))
 
 
 # ------------------------------------------------ flag names of esp_tf 0.2 and their deprecated aliases
