@@ -159,7 +159,7 @@ def _present_datasets(data_dir: str) -> list:
         return []
     return sorted(d.rstrip("/") for d in tf.io.gfile.listdir(data_dir)
                   if tf.io.gfile.isdir(os.path.join(data_dir, d))
-                  and not d.startswith((".", "downloads")))
+                  and not d.startswith((".", "downloads", "esp_tf_cache")))   # TFDS's and streamed.py's
 
 
 def _not_found(name: str, data_dir: str, reason: str) -> DatasetNotFoundError:

@@ -63,7 +63,7 @@ def _owned_flags() -> dict:
     """Flag -> where it belongs: 'method <name>' / 'param <name>' for every flag a registered
     method (`Method.flag_fields`) or parameterisation (`setting_flags`) reads, 'experts' for the
     expert recipe, and 'run', 'rerun-safe', 'evaluation' or 'not recorded' for the rest. A flag
-    in none of them is a KeyError here (tests/test_train.py keeps every flag classified)."""
+    in none of them is a KeyError here (tests/test_faults.py keeps every flag classified)."""
     from esp_tf import methods, synthetic as synthetic_lib
     owners = {}
     for name in methods.names():
