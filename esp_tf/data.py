@@ -439,9 +439,10 @@ def _load_streamed(name, builder, keys, test_split, cache_dir, max_train_per_cla
         raise ValueError(f"{builder.info.full_name} is not an image-classification dataset "
                          f"(needs features {keys[0]!r} and {keys[1]!r}, has {list(features)})")
     if features[keys[0]].np_dtype != np.uint8 or streamed.split_bytes(builder, keys[0], ()) is None:
-        raise ValueError(f"{builder.info.full_name}: streamed real data needs uint8 images of one "
-                         f"size, the dataset has {np.dtype(features[keys[0]].np_dtype).name} images of shape "
-                         f"{features[keys[0]].shape}")
+        raise streamed.StreamError(
+            f"{builder.info.full_name}: streamed real data needs uint8 images of one size, the dataset "
+            f"has {np.dtype(features[keys[0]].np_dtype).name} images of shape {features[keys[0]].shape}; "
+            "pass --real_data=memory")
     known = _known_normalization(_split_name(name)[0])
     cache_dir = os.fspath(cache_dir)
     try:
@@ -595,7 +596,7 @@ class ClassBalancedSampler:
         if np.any(np.diff(data.train_labels) < 0):
             raise ValueError(f"{data.name}: train data must be sorted by class (use data.load)")
         self._data = data
-        if data.streamed:         # gathered per draw from the memory map (host), see _gather
+        if data.streamed:         # gathered per draw from the memory map (host), see _read_rows
             self._images = None
         elif data.whitening is None:
             self._images = tf.constant(data.train_images)  # uint8, class-sorted; normalised per draw

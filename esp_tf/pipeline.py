@@ -224,7 +224,7 @@ def _setup(s, quiet: bool = False):
         real = data_lib.load(name, s.data_dir, val_per_class=s.val_per_class, download=s.download,
                              zca=s.zca, real_data="memory" if folder.is_folder(name) else s.real_data,
                              cache_dir=s.real_cache_dir)
-    except (folder.FolderError, streamed.CacheError) as e:
+    except (folder.FolderError, streamed.StreamError) as e:
         raise wd.UserError(str(e)) from e
     except ValueError as e:
         if s.val_per_class and "val_per_class" in str(e):

@@ -33,8 +33,9 @@ FORMAT = 1
 MODES = ("auto", "memory", "stream")
 
 
-class CacheError(ValueError):
-    """The streamed-data cache cannot be written where asked; the message names the fix."""
+class StreamError(ValueError):
+    """Real data cannot be streamed as asked (the cache's folder, the dataset's images); the
+    message names the fix."""
 # auto streams when the uint8 splits exceed this share of the machine's memory: the in-memory
 # path keeps about 2 copies of the train split and a float32 copy of the test split.
 AUTO_SHARE = 1 / 8
@@ -166,7 +167,7 @@ def load(builder, keys: tuple, test_split: str, cache_dir: str, *, limits: tuple
     one streamed pass when it is missing): ({'train'|'val'|'test': (images, labels)}, stats
     (mean, std) of the whole train split or None, folder)."""
     if "://" in cache_dir:
-        raise CacheError(f"the streamed-data cache needs a local directory (a memory map cannot "
+        raise StreamError(f"the streamed-data cache needs a local directory (a memory map cannot "
                          f"live in {cache_dir}); pass --real_cache_dir=<local dir>")
     key = cache_key(builder.info.full_name, limits, val_per_class, val_seed, test_split)
     folder = folder_for(cache_dir, key)
@@ -200,7 +201,7 @@ def _build(builder, keys, test_split, folder, key, limits, val_per_class, need_s
     try:
         os.makedirs(partial, exist_ok=True)
     except OSError as e:
-        raise CacheError(f"cannot write the streamed-data cache in {os.path.dirname(folder)} "
+        raise StreamError(f"cannot write the streamed-data cache in {os.path.dirname(folder)} "
                          f"({e.strerror}); pass --real_cache_dir=<a writable local dir>") from e
     say(f"streamed data: writing the class-sorted cache of {builder.info.full_name} to {folder} "
         "(once; later runs read it)")

@@ -172,6 +172,6 @@ def test_a_cache_that_cannot_be_written_is_one_line_naming_the_flag(data_dir, tm
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     for where, words in ((blocker / "cache", "--real_cache_dir"), ("gs://bucket/cache", "local")):
-        with pytest.raises(streamed.CacheError, match=words):
+        with pytest.raises(streamed.StreamError, match=words):
             data.load("esp_tf_stream_test", data_dir, real_data="stream", cache_dir=str(where))
     assert blocker.read_text() == "not a folder"
