@@ -315,25 +315,48 @@ def _read_split(builder, split: str):
     return images, labels
 
 
-def _first_per_class(images, labels, limit):
-    """Stable sort by class; keep the first ``limit`` examples of each class (None: all)."""
+def first_per_class_order(labels, limit) -> np.ndarray:
+    """Indices that stably sort `labels` by class, keeping the first `limit` of each class in
+    stored order (None: all). The order `load` keeps, in memory or streamed."""
     order = np.argsort(labels, kind="stable")
     if limit is not None:
         rank = np.arange(len(order)) - np.searchsorted(labels[order], labels[order])
         order = order[rank < limit]
+    return order
+
+
+def _first_per_class(images, labels, limit):
+    """Stable sort by class; keep the first ``limit`` examples of each class (None: all)."""
+    order = first_per_class_order(labels, limit)
     return images[order], labels[order]
+
+
+STATS_CHUNK = 4096     # images per chunk of the channel sums (streamed.py reads in chunks of this)
+
+
+def channel_sums(images: np.ndarray, sums=None) -> list:
+    """Adds the per-channel sums of values and of squares (in [0, 1] units, float64) of uint8
+    `images` to `sums` ([2 x [C]] or None: new); `channel_stats` of the totals."""
+    if sums is None:
+        sums = [np.zeros(images.shape[-1]), np.zeros(images.shape[-1])]
+    x = images.astype(np.float64) / 255.0
+    sums[0][:] += x.sum(axis=(0, 1, 2))
+    sums[1][:] += np.square(x).sum(axis=(0, 1, 2))
+    return sums
+
+
+def channel_stats(sums, count: float):
+    """Per-channel (mean, std) float32 from `channel_sums` totals over `count` pixels per channel."""
+    mean = sums[0] / count
+    return mean.astype(np.float32), np.sqrt(np.maximum(sums[1] / count - mean**2, 0)).astype(np.float32)
 
 
 def _channel_stats(images: np.ndarray):
     """Per-channel mean/std in [0,1] units, accumulated in float64 chunks to bound memory."""
-    total = np.zeros(images.shape[-1]), np.zeros(images.shape[-1])
-    for start in range(0, len(images), 4096):
-        x = images[start:start + 4096].astype(np.float64) / 255.0
-        total[0][:] += x.sum(axis=(0, 1, 2))
-        total[1][:] += np.square(x).sum(axis=(0, 1, 2))
-    n = images.size / images.shape[-1]
-    mean = total[0] / n
-    return mean.astype(np.float32), np.sqrt(np.maximum(total[1] / n - mean**2, 0)).astype(np.float32)
+    sums = channel_sums(images[:0])
+    for start in range(0, len(images), STATS_CHUNK):
+        sums = channel_sums(images[start:start + STATS_CHUNK], sums)
+    return channel_stats(sums, images.size / images.shape[-1])
 
 
 def validation_mask(labels, per_class: int, seed: int = VAL_SEED) -> np.ndarray:

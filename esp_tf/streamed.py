@@ -28,7 +28,9 @@ import time
 import numpy as np
 from absl import logging
 
-CHUNK = 4096           # images per read; also data._channel_stats' chunk, so the stats are equal
+from esp_tf import data as data_lib
+
+CHUNK = data_lib.STATS_CHUNK   # images per read: the in-memory statistics' chunk, so they are equal
 FORMAT = 1
 MODES = ("auto", "memory", "stream")
 
@@ -93,11 +95,7 @@ def placement(labels: np.ndarray, limit: int | None, val_per_class: int):
 
     The same order `data.load` makes in memory: a stable sort by class, the first `limit`
     of each class, then `data.validation_mask` on those."""
-    from esp_tf import data as data_lib
-    order = np.argsort(labels, kind="stable")
-    if limit is not None:
-        rank = np.arange(len(order)) - np.searchsorted(labels[order], labels[order])
-        order = order[rank < limit]
+    order = data_lib.first_per_class_order(labels, limit)
     target, position = np.full(len(labels), -1, np.int64), np.zeros(len(labels), np.int64)
     is_val = (data_lib.validation_mask(labels[order], val_per_class) if val_per_class
               else np.zeros(len(order), bool))
@@ -121,9 +119,7 @@ def _write_split(builder, split, keys, labels, target, position, paths, image_sh
             if not np.array_equal(chunk_labels, labels[seen:seen + n]):
                 raise ValueError(f"{split}: the labels changed between two reads of the split")
             if stats is not None:                     # data._channel_stats, chunk by chunk
-                x = images.astype(np.float64) / 255.0
-                stats[0][:] += x.sum(axis=(0, 1, 2))
-                stats[1][:] += np.square(x).sum(axis=(0, 1, 2))
+                data_lib.channel_sums(images, stats)
             for j in np.flatnonzero(target[seen:seen + n] >= 0):
                 i = seen + j
                 os.pwrite(files[target[i]].fileno(), images[j].tobytes(), int(position[i]) * size)
@@ -221,10 +217,7 @@ def _build(builder, keys, test_split, folder, key, limits, val_per_class, need_s
         if split != "train":
             continue
         if sums is not None:
-            count = len(labels) * shape[0] * shape[1]
-            mean = sums[0] / count
-            std = np.sqrt(np.maximum(sums[1] / count - mean ** 2, 0))
-            stats = (mean.astype(np.float32), std.astype(np.float32))
+            stats = data_lib.channel_stats(sums, len(labels) * shape[0] * shape[1])
         if val_per_class == 0:                 # an empty val array keeps the layout uniform
             np.save(os.path.join(partial, "val_labels.npy"), np.zeros(0, np.int32))
             open(os.path.join(partial, "val.u8"), "wb").close()
