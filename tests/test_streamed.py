@@ -175,3 +175,11 @@ def test_a_cache_that_cannot_be_written_is_one_line_naming_the_flag(data_dir, tm
         with pytest.raises(streamed.StreamError, match=words):
             data.load("esp_tf_stream_test", data_dir, real_data="stream", cache_dir=str(where))
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_dataset_whose_images_cannot_be_streamed_is_one_line_with_the_fix(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(streamed, "split_bytes", lambda *a: None)       # images of varying size
+    with pytest.raises(streamed.StreamError, match="--real_data=memory"):
+        data.load("esp_tf_stream_test", data_dir, real_data="stream", cache_dir=str(tmp_path))
+    assert not list(tmp_path.iterdir())                                 # nothing written
+    assert not data.load("esp_tf_stream_test", data_dir, cache_dir=str(tmp_path)).streamed   # auto: memory
