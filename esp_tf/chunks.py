@@ -195,6 +195,55 @@ class ChunkedRenders:
         return loop(share[2], body, init)
 
 
+def class_balanced_slice(x, y, num_classes: int, per_class: int, seed):
+    """per_class random images of each class from a class-major set x [C*M, ...], y [C*M]."""
+    m = x.shape[0] // num_classes
+    keys = tf.random.stateless_uniform([num_classes, m], seed, minval=0, maxval=2**31 - 1, dtype=tf.int32,
+                                       alg="philox")        # int Philox: the same draw under XLA
+    pick = tf.argsort(keys, axis=1)[:, :per_class]                          # [C, k] within-class
+    index = tf.reshape(pick + tf.range(num_classes)[:, None] * m, [-1])     # [C*k] global
+    return tf.gather(x, index), tf.gather(y, index)
+
+
+class SlicedRenders(ChunkedRenders):
+    """A random class-balanced slice of `per_class` renders of every class (the sliced variant,
+    --syn_batch: the paper's Figure 8 study), as one piece with ChunkedRenders' two passes. Under
+    a strategy every replica renders the whole set, draws the same slice (same seed) and runs the
+    network on its share of it. `at(seed)` binds the update's slice."""
+
+    def __init__(self, net, synthetic, per_class: int, replicas: int = 1, seed=None):
+        self.net, self.synthetic, self.seed = net, synthetic, seed
+        self.count, self.per_chunk = 1, None
+        if replicas > 1:
+            check_per_sample(net)
+        self.per_class = per_class                                     # k of every class
+        self.total = synthetic.num_classes * per_class                 # B of the slice
+        self._replicas = replicas
+
+    def at(self, seed) -> "SlicedRenders":
+        return SlicedRenders(self.net, self.synthetic, self.per_class, self._replicas, seed)
+
+    def share(self):
+        return 0, 0, 1, 0                                              # one piece per replica
+
+    def pieces(self, k, theta, params, with_g: bool, share=None):
+        syn = self.synthetic
+        x, y = syn.render()
+        x, y = class_balanced_slice(x, y, syn.num_classes, self.per_class, self.seed)
+        x = augment_by_class(x, y, params)
+        index, count = replica()                                       # this replica's share
+        start, end = self.total * index // count, self.total * (index + 1) // count
+        x, y = x[start:end], y[start:end]
+        with tf.GradientTape(watch_accessed_variables=False) as inner:
+            inner.watch(theta)
+            feats, logits = self.net.features_and_logits(theta, x)
+            ce = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)) / self.total
+        g = inner.gradient(ce, theta) if with_g else None
+        sums = tf.math.unsorted_segment_sum(feats, y, syn.num_classes)
+        hits = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), feats.dtype))
+        return sums, g, ce, hits
+
+
 def reduced_duals(terms: dict, g, sums, per_class: int):
     """The outer loss terms at the full-set sums, and the duals pass 2 needs.
 

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import fake_real, tiny_net
-from esp_tf import data as data_lib, subspace
+from esp_tf import chunks, data as data_lib, subspace
 from esp_tf.methods import esp
 from esp_tf.synthetic import PixelSynthetic
 
@@ -126,7 +126,7 @@ def test_unknown_loss_names_are_rejected():
 def test_class_balanced_slice_takes_distinct_images_of_every_class():
     x = tf.reshape(tf.range(4 * 5, dtype=tf.float32), [20, 1, 1, 1])     # 4 classes x 5 images
     y = tf.constant(np.repeat(np.arange(4), 5), tf.int32)
-    xs, ys = esp.class_balanced_slice(x, y, 4, 2, tf.constant([1, 2], tf.int64))
+    xs, ys = chunks.class_balanced_slice(x, y, 4, 2, tf.constant([1, 2], tf.int64))
     np.testing.assert_array_equal(ys.numpy(), np.repeat(np.arange(4), 2))
     values = xs.numpy().ravel().astype(int)
     assert len(set(values)) == 8 and all(v // 5 == c for v, c in zip(values, ys.numpy()))

@@ -7,7 +7,7 @@ For each batch size k (0 = every rendered image, the paper's unbiased setting) i
 `python -m esp_tf.train --flagfile=<base> --param=<param> --syn_batch=k --workdir=<out>/b<k>`
 (experts shared through the flagfile's --experts_dir; finished runs resume instead of rerunning),
 then prints a table of k vs ConvNet-3 accuracy and writes <out>/batch_bench.png.
-The slice is class-balanced and random per update; see esp.class_balanced_slice.
+The slice is class-balanced and random per update; see chunks.class_balanced_slice.
 """
 from __future__ import annotations
 

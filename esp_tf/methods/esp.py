@@ -104,16 +104,6 @@ def pull(per_term: dict) -> tf.Tensor:
     return tf.linalg.global_norm(per_term["proj"]) / (tf.linalg.global_norm(per_term["dm"]) + 1e-30)
 
 
-def class_balanced_slice(x, y, num_classes: int, per_class: int, seed):
-    """per_class random images of each class from a class-major set x [C*M, ...], y [C*M]."""
-    m = x.shape[0] // num_classes
-    keys = tf.random.stateless_uniform([num_classes, m], seed, minval=0, maxval=2**31 - 1, dtype=tf.int32,
-                                       alg="philox")        # int Philox: the same draw under XLA
-    pick = tf.argsort(keys, axis=1)[:, :per_class]                          # [C, k] within-class
-    index = tf.reshape(pick + tf.range(num_classes)[:, None] * m, [-1])     # [C*k] global
-    return tf.gather(x, index), tf.gather(y, index)
-
-
 def outer_loss(net, theta, basis, x_aug, y_syn, real_means, config: ESPConfig):
     """L_out = sum of the chosen LOSS_TERMS (L_DM + beta * ||G - E E^T G||_1) at theta.
 
@@ -160,8 +150,10 @@ class ESPStep:
                                  f"and at most {c * m} (the images rendered)")
             self._per_class = config.batch_syn // c
         # the exact whole-set gradient in pieces (chunks.py); a sliced batch is one piece
-        self.chunks = chunks.ChunkedRenders(net, synthetic, 0 if config.batch_syn else config.chunk,
-                                            replicas)
+        if config.batch_syn is None:
+            self.chunks = chunks.ChunkedRenders(net, synthetic, config.chunk, replicas)
+        else:
+            self.chunks = chunks.SlicedRenders(net, synthetic, self._per_class, replicas)
         self.trace_count = 0
         self._compiled = tf.function(self._step, jit_compile=jit_compile)
 
@@ -190,8 +182,11 @@ class ESPStep:
                                            cfg.real_per_class, num_classes, params)
 
         variables = ordered_variables(self.groups)
+        # sliced-batch variant (--syn_batch): a biased, cheaper gradient on a random slice
+        slice_seed = tf.random.experimental.stateless_fold_in(seed, 7, alg="philox")
         if in_pieces or self.chunks.count > 1:
-            loss, aux, per_term = self._chunked(theta, basis, params, real_means, variables)
+            renders = self.chunks if cfg.batch_syn is None else self.chunks.at(slice_seed)
+            loss, aux, per_term = self._chunked(theta, basis, params, real_means, variables, renders)
             grads = [tf.add_n(list(gs)) for gs in zip(*per_term.values())]
             if "proj" in per_term and "dm" in per_term:
                 aux["pull"] = pull({n: chunks.all_sum(gs) for n, gs in per_term.items()})   # all replicas
@@ -200,9 +195,8 @@ class ESPStep:
         several = len(cfg.losses) > 1
         with tf.GradientTape(persistent=several) as outer:
             x_syn, y_syn = self.synthetic.render()
-            if cfg.batch_syn is not None:      # sliced-batch variant: a biased, cheaper gradient
-                slice_seed = tf.random.experimental.stateless_fold_in(seed, 7, alg="philox")
-                x_syn, y_syn = class_balanced_slice(x_syn, y_syn, num_classes, self._per_class, slice_seed)
+            if cfg.batch_syn is not None:
+                x_syn, y_syn = chunks.class_balanced_slice(x_syn, y_syn, num_classes, self._per_class, slice_seed)
             x_aug = augment_by_class(x_syn, y_syn, params)
             loss, aux = outer_loss(self.net, theta, basis, x_aug, y_syn, real_means, cfg)
         weighted = aux.pop("weighted")
@@ -235,15 +229,15 @@ class ESPStep:
 
         return {name: term(name) for name in cfg.losses}
 
-    def _chunked(self, theta, basis, params, real_means, variables):
-        """The update's loss, metrics and per-term gradients over the whole set, chunk by chunk
-        (chunks.py): the same values as `outer_loss` on every render at once, in the memory of
-        one chunk."""
+    def _chunked(self, theta, basis, params, real_means, variables, renders):
+        """The update's loss, metrics and per-term gradients over `renders` (the whole set, or
+        the update's slice), chunk by chunk (chunks.py): the same values as `outer_loss` on
+        those renders at once, in the memory of one chunk."""
         cfg = self.config
-        sums, g, ce, acc = self.chunks.totals(theta, params, with_g=True)       # pass 1
+        sums, g, ce, acc = renders.totals(theta, params, with_g=True)       # pass 1
         values, duals = chunks.reduced_duals(self.loss_terms(basis, real_means), g, sums,
-                                             self.chunks.per_class)
-        per_term = self.chunks.gradients(theta, params, variables, duals)     # pass 2
+                                             renders.per_class)
+        per_term = renders.gradients(theta, params, variables, duals)     # pass 2
         zero = tf.zeros([], theta.dtype)
         loss = tf.add_n([LOSS_TERMS[n].weight(cfg) * values[n] for n in cfg.losses])
         g_in = subspace.project(basis, g)
