@@ -64,36 +64,16 @@ def _check(strategy, jit_compile):
                          "--jit_compile or --strategy")
 
 
-class ReplicatedESPStep(ESPStep):
-    """`methods.esp.ESPStep` (same call, same result) with each update split across the replicas
-    of `strategy`. The synthetic set and the optimizers must be created under strategy.scope().
+class Replicated:
+    """Makes a method's step class data-parallel (`replicated`): the same call and the same
+    result, with each update split across the replicas of `strategy`. The step's own `_update`
+    runs in every replica with `in_pieces=True` (its chunked path, chunks.py: each replica takes
+    its block of the set's units, or its share of a sliced batch, and the pieces' sums are
+    all-reduced), and its real class means come from `real_class_means` (each replica embeds its
+    block of the real draw). The synthetic set and the optimizers must be created under
+    strategy.scope()."""
 
-    The update is ESPStep's own chunked path (chunks.py): each replica takes its block of the
-    set's units, in pieces of --syn_chunk renders, and the pieces' sums are all-reduced; the
-    sliced variant (--syn_batch) is the same path on the update's slice (chunks.SlicedRenders),
-    each replica running the network on its share of it."""
-
-    _class_means = staticmethod(real_class_means)       # each replica embeds its block of the reals
-
-    def __init__(self, strategy, net, synthetic, optimizers, sampler, config, *, jit_compile=False):
-        _check(strategy, jit_compile)
-        self.strategy = strategy
-        with strategy.scope():
-            super().__init__(net, synthetic, optimizers, sampler, config,
-                             replicas=strategy.num_replicas_in_sync)
-
-    def _step(self, theta, basis, seed):
-        self.trace_count += 1       # Python side effect: runs only while tracing
-        return _first(self.strategy, self.strategy.run(self._update, args=(theta, basis, seed),
-                                                       kwargs={"in_pieces": True}))
-
-
-class ReplicatedDMStep(DMStep):
-    """`methods.dm.DMStep` (same call, same result) with each update split across the replicas of
-    `strategy`: DMStep's own chunked path, each replica on its block of the set's units. The
-    synthetic set and the optimizers must be created under strategy.scope()."""
-
-    _class_means = staticmethod(real_class_means)       # each replica embeds its block of the reals
+    _class_means = staticmethod(real_class_means)
 
     def __init__(self, strategy, net, synthetic, optimizers, sampler, config, *, jit_compile=False):
         _check(strategy, jit_compile)
@@ -102,7 +82,23 @@ class ReplicatedDMStep(DMStep):
             super().__init__(net, synthetic, optimizers, sampler, config,
                              replicas=strategy.num_replicas_in_sync)
 
-    def _step(self, seed, theta):
+    def _step(self, *args):
         self.trace_count += 1       # Python side effect: runs only while tracing
-        return _first(self.strategy, self.strategy.run(self._update, args=(seed, theta),
+        return _first(self.strategy, self.strategy.run(self._update, args=args,
                                                        kwargs={"in_pieces": True}))
+
+
+_REPLICATED = {}
+
+
+def replicated(step_class):
+    """`step_class` (a method's single-device step: `_update(*args, in_pieces=False)`, a
+    `_class_means` hook, a `replicas` argument) made data-parallel; one class per step class."""
+    if step_class not in _REPLICATED:
+        _REPLICATED[step_class] = type(f"Replicated{step_class.__name__}", (Replicated, step_class),
+                                       {"__doc__": f"{step_class.__name__}, data-parallel (Replicated)."})
+    return _REPLICATED[step_class]
+
+
+ReplicatedESPStep = replicated(ESPStep)
+ReplicatedDMStep = replicated(DMStep)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import keras
 import tensorflow as tf
@@ -83,6 +84,16 @@ class Method:
         raise NotImplementedError
 
     # -- helpers ------------------------------------------------------------------------------
+    def make_step(self, step_class):
+        """The method's compiled step: `step_class(net, synthetic, optimizers, sampler, config,
+        jit_compile=...)` on one device, or its data-parallel form (`data_parallel.replicated`)
+        under `Context.strategy`."""
+        c = self.context
+        if c.strategy is not None:
+            from esp_tf import data_parallel
+            step_class = functools.partial(data_parallel.replicated(step_class), c.strategy)
+        return step_class(c.net, c.synthetic, c.optimizers, c.sampler, self.config, jit_compile=c.jit_compile)
+
     def update_seed(self, n: int) -> list:
         """The seed of update n of the run (every random draw of an update derives from it)."""
         return [self.context.seed + 1_000_003, n]

@@ -7,7 +7,6 @@ synthetic images of a class sharing one DSA draw (as in ESP). No expert trajecto
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import keras
 import tensorflow as tf
@@ -121,16 +120,11 @@ class DM(Method):
     flag_fields = {"real_per_class": "real_per_class", "syn_chunk": "chunk"}
     needs_trajectories = False
     default_lr_pixels = 1.0          # SGD with momentum 0.5, DM's pixel optimizer
-    data_parallel = True             # data_parallel.ReplicatedDMStep under a strategy
+    data_parallel = True             # data_parallel.replicated(DMStep) under a strategy
 
     def __init__(self, context, config: DMConfig):
         super().__init__(context, config)
-        c = context
-        step_class = DMStep
-        if c.strategy is not None:
-            from esp_tf.data_parallel import ReplicatedDMStep
-            step_class = functools.partial(ReplicatedDMStep, c.strategy)
-        self.step = step_class(c.net, c.synthetic, c.optimizers, c.sampler, config, jit_compile=c.jit_compile)
+        self.step = self.make_step(DMStep)
 
     @classmethod
     def pixel_optimizer(cls, lr):

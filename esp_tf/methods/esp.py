@@ -17,7 +17,6 @@ one parameter draw per call. `ESP` runs N such steps per expert segment (one ite
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 import tensorflow as tf
@@ -256,16 +255,11 @@ class ESP(Method):
                    "dm_reduction": "dm_reduction", "syn_chunk": "chunk"}
     needs_trajectories = True
     default_lr_pixels = 0.01         # Adam (the paper's outer optimizer), normalised pixel units
-    data_parallel = True             # data_parallel.ReplicatedESPStep under a strategy
+    data_parallel = True             # data_parallel.replicated(ESPStep) under a strategy
 
     def __init__(self, context, config: ESPConfig):
         super().__init__(context, config)
-        c = context
-        step_class = ESPStep
-        if c.strategy is not None:
-            from esp_tf.data_parallel import ReplicatedESPStep
-            step_class = functools.partial(ReplicatedESPStep, c.strategy)
-        self.step = step_class(c.net, c.synthetic, c.optimizers, c.sampler, config, jit_compile=c.jit_compile)
+        self.step = self.make_step(ESPStep)
         self._segment = self.segment_fn(subspace.basis)
 
     @classmethod
