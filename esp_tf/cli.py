@@ -149,6 +149,11 @@ flags.DEFINE_string("export_name", None, "TFDS name of the exported set (default
 # Settings: the flags above as one frozen value, for the library and the command line alike
 # =====================================================================================
 NAMES = tuple(REGISTRY)                       # the shared ones, then ours, in definition order
+# The names before esp_tf 0.2, as absl aliases (an old command or flagfile still runs; the run
+# records the new names). Defined after NAMES: an alias is no setting of its own.
+from esp_tf.workdir import RENAMED_TRAIN_FLAGS      # noqa: E402  (light: no TensorFlow)
+for _old, _new in RENAMED_TRAIN_FLAGS.items():
+    flags.DEFINE_alias(_old, _new, flag_values=REGISTRY)
 
 
 def install(flag_values=flags.FLAGS) -> None:

@@ -40,8 +40,9 @@ flags.DEFINE_string("label", None, "Row label in the table and --output (default
                     "ipc, or 'full').")
 flags.DEFINE_string("output", None, "JSON file the results are merged into (default: print only).")
 
-# Names before esp_tf 0.2, deprecated for one release (--method was the row label: train's
-# --method is the condensation method; --dsa was evaluation DSA: train's is condensation DSA).
+# Names before esp_tf 0.2, no longer accepted (--method was the row label: train's --method is
+# the condensation method; --dsa was evaluation DSA: train's is condensation DSA). An old name
+# is an error naming the new one (README 'Renamed flags').
 RENAMED_FLAGS = {"epochs": "eval_epochs", "runs": "eval_runs", "batch_size": "eval_batch", "lr": "eval_lr",
                  "dsa": "eval_dsa", "archs": "eval_archs", "method": "label"}
 

@@ -50,7 +50,7 @@ def _late_user_errors() -> tuple:
 
 def run():
     cli.install()
-    wd.run_cli(main, wd.flags_parser(__doc__, cli.__name__, wd.RENAMED_TRAIN_FLAGS),
+    wd.run_cli(main, wd.flags_parser(__doc__, cli.__name__),
                interrupted="interrupted. Rerun the same command to resume: finished experts and phases "
                            "are kept and the condensation continues from its last checkpoint.",
                late_user_errors=_late_user_errors)

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import sys
-import textwrap
 import time
 import uuid
 
@@ -261,9 +260,10 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-# Flags of esp_tf.train renamed in esp_tf 0.2 (old name -> new name). The old names still work
-# for one release, with a warning (see `parse_argv`); the flags.txt of workdirs made before hold
-# them, and `parse_flags_file` reads them under the new names.
+# Flags of esp_tf.train renamed in esp_tf 0.2 (old name -> new name). The old names stay as
+# absl aliases of the new flags (cli.py), so an old command or flagfile still runs and never
+# records them; the flags.txt of workdirs made before hold them, and `parse_flags_file` reads
+# them under the new names.
 RENAMED_TRAIN_FLAGS = {"lr_pixels": "pixels_lr", "lr_codes": "codes_lr", "lr_decoders": "decoders_lr",
                        "lr_teacher": "student_lr_init", "lr_lr": "student_lr_lr", "batch_syn": "syn_batch"}
 
@@ -335,108 +335,36 @@ def run_cli(main, flags_parser, *, interrupted: str, late_user_errors=tuple) -> 
 HELP_FLAGS = ("-h", "-?", "--help", "--helpshort")
 
 
-def flags_parser(doc: str, module_name: str, aliases: dict | None = None):
-    """An absl `flags_parser` for a tool: --help prints `doc`, the flags `module_name` defines or
-    adopts (not absl's "Try --helpfull", nor TensorFlow's own flags) and the deprecated `aliases`
-    (old name -> new name), before anything heavy is imported; other arguments go to `parse_argv`."""
+def flags_parser(doc: str, module_name: str, renamed: dict | None = None):
+    """An absl `flags_parser` for a tool: --help prints `doc` and the flags `module_name` defines
+    or adopts (not absl's "Try --helpfull", nor TensorFlow's own flags), before anything heavy is
+    imported; other arguments go to `parse_argv`. `renamed` (old name -> new name): flag names
+    that are no longer accepted, named in the error of an unknown flag."""
     def parse(argv):
         if any(a in HELP_FLAGS for a in argv[1:]):
             from absl import flags
-            renamed = "\n\n" + textwrap.fill(
-                "Deprecated names, still accepted for one release (with a warning): "
-                + ", ".join(f"--{old} (now --{new})" for old, new in aliases.items()), 80) if aliases else ""
             print(doc.strip() + "\n\nFlags (--helpfull adds those of the libraries):\n"
-                  + flags.FLAGS.module_help(module_name) + renamed, flush=True)
+                  + flags.FLAGS.module_help(module_name), flush=True)
             sys.exit(0)
-        return parse_argv(argv, aliases)
+        return parse_argv(argv, renamed)
     return parse
 
 
-def parse_argv(argv, aliases: dict | None = None):
+def parse_argv(argv, renamed: dict | None = None):
     """absl.app.run's `flags_parser` for the entry points: an unknown or unparsable flag becomes
-    a UserError (one line, exit 2) instead of absl's two-line message with exit code 1.
-    `aliases` (deprecated name -> new name) are read as their new names (`_rename_aliases`)."""
+    a UserError (one line, exit 2) instead of absl's two-line message with exit code 1; an
+    unknown flag in `renamed` (old name -> new name) is named with its new name."""
     from absl import flags
     try:
-        if aliases:
-            argv = argv[:1] + _rename_aliases(argv[1:], aliases)
         return flags.FLAGS(argv)
+    except flags.UnrecognizedFlagError as e:
+        if e.flagname in (renamed or {}):
+            raise UserError(f"--{e.flagname} was renamed --{renamed[e.flagname]} in esp_tf 0.2 (README "
+                            f"'Renamed flags'); use --{renamed[e.flagname]}") from e
+        raise UserError(f"{e}. `--helpfull` lists every flag") from e
     except flags.Error as e:
         raise UserError(f"{e}. `--helpfull` lists every flag") from e
     except UnicodeDecodeError as e:         # a --flagfile that is not text
         files = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--flagfile=")]
         raise UserError(f"a --flagfile is not a text file ({', '.join(files) or 'flagfile'}: {e.reason} "
                         f"at byte {e.start}); give a text file of --flag=value lines") from e
-
-
-def _rename_aliases(args: list, aliases: dict) -> list:
-    """`args` with --flagfiles expanded and each deprecated name given as its new name, in place.
-
-    Old names are never defined as flags, so they are never recorded (flags.txt) and may be live
-    flags of another tool (train's --dsa). In place, a later value overrides an earlier one as
-    absl does (a command-line --lr_codes overrides a flagfile's --codes_lr). Each old name used
-    prints `warning: --old is deprecated; use --new`. Both names of one flag given on the
-    command line itself (not in a flagfile) with different values is a UserError."""
-    from absl import flags
-    items, names = _expand_flagfiles(args), set(aliases) | set(aliases.values())
-    out, direct, warned, i = [], {}, {}, 0
-    while i < len(items):
-        (arg, from_file), i = items[i], i + 1
-        if arg == "--":                 # the end of the flags, as in absl
-            out += [a for a, _ in items[i - 1:]]
-            break
-        dashes = len(arg) - len(arg.lstrip("-"))
-        name, eq, text = arg[dashes:].partition("=")
-        negated = not eq and name.startswith("no") and name[2:] in names
-        base = name[2:] if negated else name
-        if not 1 <= dashes <= 2 or base not in names or negated and not flags.FLAGS[aliases.get(base, base)].boolean:
-            out.append(arg)
-            continue
-        new = aliases.get(base, base)
-        flag = flags.FLAGS[new]
-        takes_next = not eq and not flag.boolean and i < len(items)
-        if not eq and not flag.boolean and not takes_next and base != new:
-            raise UserError(f"flag --{base} needs a value (--{base}=<value>)")
-        if not eq:
-            text = items[i][0] if takes_next else "false" if negated else "true" if flag.boolean else ""
-        try:
-            value = flag.parser.parse(text)
-        except (ValueError, flags.Error) as e:
-            if base == new:             # the new name: absl reports it
-                out.append(arg)
-                continue
-            raise UserError(f"flag --{base}={text}: {e}. `--helpfull` lists every flag") from e
-        if base == new:
-            out.append(arg)             # absl parses it, and the value after it if any
-        else:
-            warned.setdefault(base, new)
-            out.append(f"--{new}={text}")
-            i += takes_next
-        if not from_file:
-            direct.setdefault(new, {})[base] = (text, value)
-    for new, given in direct.items():
-        if len(given) > 1 and len({repr(v) for _, v in given.values()}) > 1:
-            old = next(n for n in given if n != new)
-            raise UserError(f"--{old}={given[old][0]} and --{new}={given[new][0]} disagree: --{old} is "
-                            f"the deprecated name of --{new}; give only --{new}")
-    for old, new in warned.items():
-        print(f"warning: --{old} is deprecated; use --{new}", file=sys.stderr, flush=True)
-    return out
-
-
-def _expand_flagfiles(args: list) -> list:
-    """(argument, came from a flagfile) pairs, --flagfile=<file> expanded in place as absl does."""
-    from absl import flags
-    items, i = [], 0
-    while i < len(args):
-        arg, i = args[i], i + 1
-        if arg in ("--flagfile", "-flagfile") and i < len(args):
-            arg, i = f"--flagfile={args[i]}", i + 1
-        if arg.startswith(("--flagfile=", "-flagfile=")):
-            items += [(a, True) for a in flags.FLAGS.read_flags_from_files([arg], force_gnu=False)]
-        else:
-            items.append((arg, False))
-            if arg == "--":
-                items += [(a, False) for a in args[i:]]
-                break
-    return items

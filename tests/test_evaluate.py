@@ -194,7 +194,6 @@ def test_help_lists_the_tools_own_flags_without_loading_tensorflow(how):
     assert out.returncode == 0, out.stderr
     assert "--condensed" in out.stdout and "--protocol" in out.stdout and "--steps_per_epoch" in out.stdout
     assert "--eval_archs" in out.stdout and "--eval_runs" in out.stdout and "--seed" in out.stdout  # shared
-    assert "--archs (now --eval_archs)" in out.stdout                                      # deprecated
     assert "--only_check_args" not in out.stdout        # not absl's own flags (--helpfull has them)
     assert out.stdout.rstrip().endswith("TF loaded: False")
 
@@ -224,12 +223,10 @@ def test_cli_notes_a_set_whose_values_leave_the_pixel_range(sets, tmp_path):
     work.mkdir()
     np.savez(work / "synthetic.npz", images=5.0 * sets["images"], labels=sets["labels"])
     (work / "flags.txt").write_text(f"--dataset={SOURCE}\n--data_dir={sets['tfds_dir']}\n")
-    # the names before 0.2 still work, each with a one-line warning naming its new name
-    out = _cli([f"--condensed={work}", "--archs=convnet_tiny", "--runs=1", "--epochs=1", "--method=old"])
+    out = _cli([f"--condensed={work}", "--eval_archs=convnet_tiny", "--eval_runs=1", "--eval_epochs=1",
+                "--label=old"])
     assert "outside the pixel range 0..255" in out.stdout and "--clip_pixels" in out.stdout
     assert "| method | convnet_tiny |" in out.stdout and "\n| old | " in out.stdout
-    for old, new in (("archs", "eval_archs"), ("runs", "eval_runs"), ("epochs", "eval_epochs"), ("method", "label")):
-        assert f"warning: --{old} is deprecated; use --{new}\n" in out.stderr
 
 
 def test_cli_bad_input_exits_2_with_a_clear_message_and_no_traceback(sets, tmp_path):
@@ -242,7 +239,7 @@ def test_cli_bad_input_exits_2_with_a_clear_message_and_no_traceback(sets, tmp_p
              [f"--condensed={tmp_path}"],
              ["--condensed=no_such_set", f"--data_dir={sets['tfds_dir']}"],
              [f"--condensed={sets['work']}", "--steps_per_epoch=5"],
-             [f"--condensed={sets['work']}", "--runs=2", "--eval_runs=3"]]      # both names of one flag
+             [f"--condensed={sets['work']}", "--runs=2"]]        # a name before esp_tf 0.2
     script = textwrap.dedent(f"""
         import sys
         from absl import flags
@@ -266,8 +263,8 @@ def test_cli_bad_input_exits_2_with_a_clear_message_and_no_traceback(sets, tmp_p
     assert "'cifar10' is not available" in err and "data_dir" in err
     assert "neither an esp_tf workdir" in err
     assert "no TFDS dataset 'no_such_set'" in err
-    assert ("error: --runs=2 and --eval_runs=3 disagree: --runs is the deprecated name of --eval_runs; "
-            "give only --eval_runs\nEXIT 2") in err
+    assert ("error: --runs was renamed --eval_runs in esp_tf 0.2 (README 'Renamed flags'); use --eval_runs"
+            "\nEXIT 2") in err
 
 
 @pytest.mark.slow

@@ -128,7 +128,7 @@ def test_3_unknown_or_unparsable_flags_are_one_line_with_exit_code_2(tmp_path):
     _refused(_train(tmp_path, [f"--workdir={tmp_path / 'w'}", "--ipc=abc"]), "--ipc", "--helpfull")
     _refused(_train(tmp_path, [f"--workdir={tmp_path / 'w'}", "--ipcc=1"]), "ipcc", "--helpfull")
     _refused(_evaluate(tmp_path, ["--eval_runs=many"]), "--eval_runs", "--helpfull")
-    _refused(_evaluate(tmp_path, ["--runs=many"]), "--runs", "--helpfull")      # a deprecated name too
+    _refused(_evaluate(tmp_path, ["--runs=many"]), "--runs was renamed --eval_runs")   # a name before 0.2
     assert not (tmp_path / "w").exists()
 
 

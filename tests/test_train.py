@@ -167,7 +167,7 @@ def test_help_lists_the_tools_own_flags_without_loading_tensorflow():
     assert out.returncode == 0, out.stderr
     assert "--val_per_class" in out.stdout and "--dm_reduction" in out.stdout and "--ipc" in out.stdout
     assert "--eval_runs" in out.stdout and "--seed" in out.stdout             # shared with esp_tf.evaluate
-    assert "--lr_codes (now --codes_lr)" in out.stdout                        # deprecated names
+    assert "--lr_codes: Alias for --codes_lr." in out.stdout                  # names before 0.2
     assert "--only_check_args" not in out.stdout        # not absl's own flags (--helpfull has them)
     assert out.stdout.rstrip().endswith("TF loaded: False")
 
@@ -211,13 +211,13 @@ def test_a_workdir_written_by_an_older_release_resumes(tmp_path):
         pipeline.run(dataclasses.replace(settings, real_per_class=8), str(work))
 
 
-# ------------------------------------------------ flag names of esp_tf 0.2 and their deprecated aliases
+# ------------------------------------------------ flag names of esp_tf 0.2 and the old names' aliases
 def _parse(argv):
     from esp_tf import workdir as wd
-    return wd.parse_argv(["esp_tf.train"] + argv, wd.RENAMED_TRAIN_FLAGS)
+    return wd.parse_argv(["esp_tf.train"] + argv)
 
 
-def test_deprecated_flag_names_set_the_new_flags_with_a_warning_and_are_never_recorded(capsys):
+def test_old_flag_names_are_aliases_that_set_the_new_flags_and_are_never_recorded():
     from absl import flags
     from absl.testing import flagsaver
     from esp_tf import cli
@@ -230,32 +230,22 @@ def test_deprecated_flag_names_set_the_new_flags_with_a_warning_and_are_never_re
             0.5, 0.2, 0.03, 0.02, 1e-4, 20)
         text = cli.flags_file_text(cli.from_flags())
     assert "--codes_lr=0.2" in text and "--syn_batch=20" in text and "lr_codes" not in text
-    err = capsys.readouterr().err
-    assert err.splitlines() == [f"warning: --{o} is deprecated; use --{n}" for o, n in (
-        ("lr_pixels", "pixels_lr"), ("lr_codes", "codes_lr"), ("lr_decoders", "decoders_lr"),
-        ("lr_teacher", "student_lr_init"), ("lr_lr", "student_lr_lr"), ("batch_syn", "syn_batch"))]
+    assert not set(wd_renamed()) & set(cli.NAMES)                 # an alias is no setting of its own
 
 
-def test_both_names_of_a_flag_with_different_values_are_an_error_unless_a_flagfile_gave_one(tmp_path):
+def wd_renamed():
+    from esp_tf import workdir as wd
+    return wd.RENAMED_TRAIN_FLAGS
+
+
+def test_an_old_name_after_a_flagfile_of_new_names_overrides_it_as_absl_does(tmp_path):
     from absl import flags
     from absl.testing import flagsaver
-    from esp_tf import workdir as wd
-    with flagsaver.flagsaver():
-        _parse(["--lr_codes=0.2", "--codes_lr=0.2"])                # the same value: fine
-        with pytest.raises(wd.UserError, match=r"^--lr_codes=0.2 and --codes_lr=0.3 disagree: "
-                           r"--lr_codes is the deprecated name of --codes_lr; give only --codes_lr$"):
-            _parse(["--lr_codes=0.2", "--codes_lr=0.3"])
     flagfile = tmp_path / "new.flags"
     flagfile.write_text("--codes_lr=0.1\n--decoders_lr=0.01\n")
     with flagsaver.flagsaver():       # an old command: a config (new names) and an old-name override
         _parse([f"--flagfile={flagfile}", "--lr_codes=0", "--lr_decoders=0"])
         assert (flags.FLAGS.codes_lr, flags.FLAGS.decoders_lr) == (0.0, 0.0)
-    out = _run([f"--workdir={tmp_path / 'w'}", "--lr_codes=0.2", "--codes_lr=0.3"], tmp_path, check=False)
-    ours = [line for line in out.stderr.splitlines() if line.startswith(("error:", "warning:", "Traceback"))]
-    assert out.returncode == 2 and ours == [
-        "error: --lr_codes=0.2 and --codes_lr=0.3 disagree: --lr_codes is the deprecated name of --codes_lr; "
-        "give only --codes_lr"]
-    assert not (tmp_path / "w").exists()
 
 
 def test_a_workdir_whose_flags_txt_has_the_old_names_resumes(tmp_path, capsys):
