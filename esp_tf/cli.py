@@ -65,7 +65,8 @@ flags.DEFINE_string("method", "esp",
                   "(its Config in esp_tf/methods/<method>.py); flags.txt records the values used.", flag_values=REGISTRY)
 flags.DEFINE_string("param", "pixels",
                     "Synthetic-set parameterisation (synthetic.PARAMETERISATIONS, or one registered there): "
-                    "pixels, or latents: codes + shared decoders (paper 4.2, after KFS).", flag_values=REGISTRY)
+                    "pixels, or latents: codes + shared decoders (paper 4.2, after KFS). Flags marked 'param "
+                    "setting' default to the parameterisation's own (its Config in esp_tf/synthetic.py).", flag_values=REGISTRY)
 flags.DEFINE_integer("ipc", 1, "Images per class of the condensed set (the storage budget).", flag_values=REGISTRY)
 flags.DEFINE_enum("init", "real", ["real", "gaussian"], "Synthetic init: real images or Gaussian noise (paper).", flag_values=REGISTRY)
 flags.DEFINE_integer("iterations", 1000, "Outer iterations; each picks a new expert segment.", flag_values=REGISTRY)
@@ -85,8 +86,6 @@ flags.DEFINE_enum("dm_reduction", None, ["sum", "class_mean", "element_mean"],
                   "metrics.jsonl logs the resulting pull ratio ('pull').", flag_values=REGISTRY)
 flags.DEFINE_integer("real_per_class", None, "Method setting (esp, dm). Real images per class in each "
                      "DM term.", flag_values=REGISTRY)
-flags.DEFINE_float("pixels_lr", None, "Learning rate of synthetic pixels; default: the method's own "
-                   "(Method.default_lr_pixels, with its optimizer: Adam for esp, SGD with momentum 0.5 for dm and tm).", flag_values=REGISTRY)
 flags.DEFINE_integer("syn_batch", None, "Method setting (esp, tm). Synthetic images per update (0 or "
                      "unset = all): esp takes a random "
                      "class-balanced slice (the paper's Figure 8 study); tm per unrolled step (MTT's batch_syn).", flag_values=REGISTRY)
@@ -97,20 +96,24 @@ flags.DEFINE_integer("syn_chunk", None, "Method setting (esp, dm). The exact gra
                      "extra; larger ones about one more forward pass.", flag_values=REGISTRY)
 flags.DEFINE_float("student_lr_init", None, "Method setting (tm). Initial value of the learnable student lr (MTT's lr_teacher).", flag_values=REGISTRY)
 flags.DEFINE_float("student_lr_lr", None, "Method setting (tm). SGD lr of the learnable student lr (MTT's lr_lr).", flag_values=REGISTRY)
-flags.DEFINE_float("codes_lr", 0.1, "Adam lr of latent codes (paper 4.2; --param=latents).", flag_values=REGISTRY)
-flags.DEFINE_float("decoders_lr", 0.01, "Adam lr of the shared decoders (paper 4.2; --param=latents).", flag_values=REGISTRY)
-flags.DEFINE_integer("num_decoders", 4, "Shared decoders; images per class = codes x decoders (--param=latents).", flag_values=REGISTRY)
-flags.DEFINE_integer("latent_downsample", 2, "Latent codes are image size / this (--param=latents).", flag_values=REGISTRY)
-flags.DEFINE_integer("latent_channels", None, "Channels of a latent code; default: the image's "
-                     "(--param=latents; the first image-channels carry the real-image init).", flag_values=REGISTRY)
-flags.DEFINE_enum("decoder", "residual", ["residual", "transposed"], "Decoder architecture (--param="
-                  "latents; esp_tf/synthetic.py): residual (conv3x3 on the code, bilinear upsampling, "
+# Parameterisation settings: default None = the parameterisation's own (its Config in
+# esp_tf/synthetic.py, where every default is set once); flags.txt records the values used.
+flags.DEFINE_float("pixels_lr", None, "Param setting (pixels). Learning rate of synthetic pixels; default: the method's own "
+                   "(Method.default_lr_pixels, with its optimizer: Adam for esp, SGD with momentum 0.5 for dm and tm).", flag_values=REGISTRY)
+flags.DEFINE_float("codes_lr", None, "Param setting (latents). Adam lr of latent codes (paper 4.2: 0.1).", flag_values=REGISTRY)
+flags.DEFINE_float("decoders_lr", None, "Param setting (latents). Adam lr of the shared decoders (paper 4.2: 0.01).", flag_values=REGISTRY)
+flags.DEFINE_integer("num_decoders", None, "Param setting (latents). Shared decoders; images per class = codes x decoders.", flag_values=REGISTRY)
+flags.DEFINE_integer("latent_downsample", None, "Param setting (latents). Latent codes are image size / this.", flag_values=REGISTRY)
+flags.DEFINE_integer("latent_channels", None, "Param setting (latents). Channels of a latent code; unset: the image's "
+                     "(the first image-channels carry the real-image init).", flag_values=REGISTRY)
+flags.DEFINE_enum("decoder", None, ["residual", "transposed"], "Param setting (latents). Decoder architecture "
+                  "(esp_tf/synthetic.py): residual (conv3x3 on the code, bilinear upsampling, "
                   "conv3x3) or transposed (a learned upsampling by a transposed convolution, as KFS), "
                   "each beside an identity-initialised linear skip.", flag_values=REGISTRY)
-flags.DEFINE_integer("decoder_hidden", 16, "Channels inside each decoder (--param=latents); the "
+flags.DEFINE_integer("decoder_hidden", None, "Param setting (latents). Channels inside each decoder; the "
                      "decoders' floats count against the budget.", flag_values=REGISTRY)
-flags.DEFINE_float("decoder_init", 0.1, "Scale of each decoder's residual branch at init, in "
-                   "normalised pixel units (--param=latents): how differently the decoders start.", flag_values=REGISTRY)
+flags.DEFINE_float("decoder_init", None, "Param setting (latents). Scale of each decoder's residual branch at init, in "
+                   "normalised pixel units: how differently the decoders start.", flag_values=REGISTRY)
 flags.DEFINE_enum("lr_schedule", "linear", ["linear", "constant"], "Synthetic lr schedule (paper: linear decay).", flag_values=REGISTRY)
 flags.DEFINE_bool("dsa", True, "Differentiable Siamese augmentation during condensation.", flag_values=REGISTRY)
 flags.DEFINE_bool("clip_pixels", True, "Clip synthetic renders to the real pixel range 0..255 (valid "
@@ -207,15 +210,30 @@ _TO_CONFIG = {"losses": tuple, "syn_batch": lambda v: v or None}
 _TO_FLAG = {"losses": list, "syn_batch": lambda v: v or 0}
 
 
+def param_config(s: Settings, name: str | None = None):
+    """The Config of parameterisation `name` (default s.param): its defaults, overridden by the
+    settings given in `s` (those not None)."""
+    from esp_tf import synthetic
+    kind = synthetic.parameterisation(name or s.param)
+    return kind.Config(**{field: getattr(s, field) for field in synthetic.setting_names(kind)
+                          if getattr(s, field) is not None})
+
+
 def resolve(s: Settings) -> Settings:
-    """`s` with every method setting left None set to its default, so flags.txt records the
-    values a run used: s.method's own first, then each other registered method's (a setting
-    s.method does not read keeps the default of the first method that reads it). Raises
-    UserError, naming the flag, for a value the method's config rejects."""
-    from esp_tf import methods, workdir as wd
+    """`s` with every method and parameterisation setting left None set to its default, so
+    flags.txt records the values a run used: s.method's (s.param's) own first, then each other
+    registered one's (a setting the run's does not read keeps the default of the first that
+    reads it). Raises UserError, naming the flag, for a value the method's config rejects."""
+    from esp_tf import methods, synthetic, workdir as wd
     if s.method not in methods.names():
         raise wd.UserError(f"--method: unknown {s.method!r}; registered: {', '.join(methods.names())}")
     filled = {}
+    if s.param in synthetic.PARAMETERISATIONS:      # an unknown one is reported by validate()
+        for name in (s.param, *[n for n in synthetic.PARAMETERISATIONS if n != s.param]):
+            config = param_config(s, name) if name == s.param else synthetic.PARAMETERISATIONS[name].Config()
+            for field in synthetic.setting_names(synthetic.PARAMETERISATIONS[name]):
+                if getattr(s, field) is None and field not in filled:
+                    filled[field] = getattr(config, field)
     for name in (s.method, *[n for n in methods.names() if n != s.method]):
         method = methods.get(name)
         try:
@@ -368,11 +386,7 @@ def condense_settings(s: Settings):
     return CondenseSettings(workdir=s.workdir, method=s.method, method_config=method_config(s),
                             ipc=s.ipc, init=s.init, iterations=s.iterations,
                             segment_length=s.segment_length, max_start_epoch=s.max_start_epoch,
-                            param=s.param, pixels_lr=s.pixels_lr, codes_lr=s.codes_lr,
-                            decoders_lr=s.decoders_lr, num_decoders=s.num_decoders,
-                            latent_downsample=s.latent_downsample, latent_channels=s.latent_channels,
-                            decoder=s.decoder, decoder_hidden=s.decoder_hidden,
-                            decoder_init=s.decoder_init, lr_schedule=s.lr_schedule,
+                            param=s.param, param_config=param_config(s), lr_schedule=s.lr_schedule,
                             clip_pixels=s.clip_pixels, range_map=s.range_map, seed=s.seed,
                             ckpt_every=s.ckpt_every, log_every=s.log_every, jit_compile=s.jit_compile)
 

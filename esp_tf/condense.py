@@ -39,15 +39,7 @@ class CondenseSettings:
     segment_length: int = 2
     max_start_epoch: int = 20        # segments start at epoch t ~ U{0..max_start_epoch-1} (MTT)
     param: str = "pixels"            # a name in synthetic.PARAMETERISATIONS (pixels, latents)
-    pixels_lr: float | None = None   # pixels' lr (normalised units); None: the method's own
-    codes_lr: float = 0.1            # Adam lr of latent codes (paper 4.2)
-    decoders_lr: float = 0.01        # Adam lr of the shared decoders (paper 4.2)
-    num_decoders: int = 4            # latents: decoders shared by all classes
-    latent_downsample: int = 2       # latents: codes are H/f x W/f
-    latent_channels: int | None = None   # latents: channels of a code (None: the image's)
-    decoder: str = "residual"        # latents: decoder architecture (synthetic.DECODERS)
-    decoder_hidden: int = 16         # latents: channels inside each decoder
-    decoder_init: float = 0.1        # latents: residual-branch output scale at init
+    param_config: object = None      # that parameterisation's Config (synthetic.py); None: its defaults
     lr_schedule: str = "linear"      # linear decay to 0 over all updates (paper 4.2), or constant
     clip_pixels: bool = True         # renders kept inside the real pixel range [0, 255] (synthetic.py)
     range_map: str = "clip"          # ... by clipping, or "tanh": a smooth map that keeps every gradient
@@ -58,12 +50,15 @@ class CondenseSettings:
 
     def __post_init__(self):
         method = methods.get(self.method)             # raises on an unknown name
-        synthetic_lib.parameterisation(self.param)
-        if self.method_config is None:
-            object.__setattr__(self, "method_config", method.Config())
-        elif not isinstance(self.method_config, method.Config):
-            raise ValueError(f"method_config of method {self.method!r} must be a "
-                             f"{method.Config.__name__}, got {type(self.method_config).__name__}")
+        for field, kind, label in (("method_config", method, "method " + repr(self.method)),
+                                   ("param_config", synthetic_lib.parameterisation(self.param),
+                                    "param " + repr(self.param))):
+            value = getattr(self, field)
+            if value is None:
+                object.__setattr__(self, field, kind.Config())
+            elif not isinstance(value, kind.Config):
+                raise ValueError(f"{field} of {label} must be a {kind.Config.__name__}, got "
+                                 f"{type(value).__name__}")
 
     @property
     def method_class(self):
@@ -72,6 +67,19 @@ class CondenseSettings:
     @property
     def updates_per_iteration(self) -> int:
         return self.method_class.updates_per_iteration(self.method_config)
+
+
+def settings(**values) -> CondenseSettings:
+    """CondenseSettings from flat names, as the command line's flags: the fields of the chosen
+    parameterisation's Config (e.g. num_decoders, pixels_lr) go into its `param_config`; those of
+    other parameterisations are not read (as on the command line)."""
+    kind = synthetic_lib.parameterisation(values.get("param", "pixels"))
+    names = set(synthetic_lib.setting_names(kind))
+    others = {n for k in synthetic_lib.PARAMETERISATIONS.values() for n in synthetic_lib.setting_names(k)}
+    given = {k: values.pop(k) for k in list(values) if k in names}
+    for k in [k for k in values if k in others]:
+        del values[k]
+    return CondenseSettings(**values, param_config=kind.Config(**given))
 
 
 def snapshots_needed(max_start_epoch: int, segment_length: int) -> int:

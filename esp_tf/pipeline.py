@@ -61,7 +61,7 @@ _MOVE_ASIDE = "its results are moved aside into a previous-<time>/ folder inside
 
 def _owned_flags() -> dict:
     """Flag -> where it belongs: 'method <name>' / 'param <name>' for every flag a registered
-    method (`Method.flag_fields`) or parameterisation (`setting_flags`) reads, 'experts' for the
+    method (`Method.flag_fields`) or parameterisation (the fields of its `Config`) reads, 'experts' for the
     expert recipe, and 'run', 'rerun-safe', 'evaluation' or 'not recorded' for the rest. A flag
     in none of them is a KeyError here (tests/test_faults.py keeps every flag classified)."""
     from esp_tf import methods, synthetic as synthetic_lib
@@ -70,7 +70,7 @@ def _owned_flags() -> dict:
         for flag in methods.get(name).flag_fields:
             owners.setdefault(flag, set()).add(f"method {name}")
     for name, kind in synthetic_lib.PARAMETERISATIONS.items():
-        for flag in kind.setting_flags:
+        for flag in synthetic_lib.setting_names(kind):
             owners.setdefault(flag, set()).add(f"param {name}")
     for group, names in (("run", _IDENTITY), ("experts", _EXPERT_FLAGS), ("rerun-safe", _RERUN_SAFE),
                          ("evaluation", set(_EVAL_FLAGS)), ("not recorded", set(cli._NOT_RECORDED))):
@@ -158,7 +158,7 @@ def prepare_workdir(s):
             f"--workdir, or pass --restart ({_MOVE_ASIDE}).")
     elif old is not None:
         # a flag added since the run: what the run did, the flag's default unless _ADDED_FLAGS says
-        default = cli.values(cli.settings(method=s.method))
+        default = cli.values(cli.settings(method=s.method, param=s.param))
         recorded = lambda k: old.get(k, _ADDED_FLAGS.get(k, default[k]))       # noqa: E731
         changed = {k for k in identity_flags(s) if recorded(k) != new[k]}
         if changed and any(name in _FINISHED for name in results):

@@ -12,6 +12,8 @@ images per class (IPC x H x W x Ch floats per class):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -20,6 +22,27 @@ INITS = ("gaussian", "real")
 
 
 RANGE_MAPS = ("clip", "tanh")
+
+
+# Each parameterisation's own settings, with their defaults (the only place they are set). Field
+# names are the command line's flag names (esp_tf/cli.py declares the flags, default None: the
+# parameterisation's own); a run's identity holds the chosen parameterisation's fields only.
+@dataclasses.dataclass(frozen=True)
+class PixelsConfig:
+    pixels_lr: float | None = None   # lr of the pixels (normalised units); None: the method's own
+    #                                  (Method.default_lr_pixels, with Method.pixel_optimizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentsConfig:
+    codes_lr: float = 0.1            # Adam lr of the latent codes (paper 4.2)
+    decoders_lr: float = 0.01        # Adam lr of the shared decoders (paper 4.2)
+    num_decoders: int = 4            # D: decoders shared by all classes; renders per code
+    latent_downsample: int = 2       # f: codes are H/f x W/f
+    latent_channels: int | None = None   # k: channels of a code (None: the image's)
+    decoder: str = "residual"        # decoder architecture (DECODERS)
+    decoder_hidden: int = 16         # channels inside each decoder
+    decoder_init: float = 0.1        # scale of each decoder's residual branch at init (normalised units)
 
 
 def _pixel_range(pixel_range, channels: int, range_map: str = "clip"):
@@ -140,18 +163,20 @@ class PixelSynthetic(tf.Module):
         return cls(num_classes, s.ipc, image_shape, init=s.init, real_images=real_images, seed=s.seed,
                    pixel_range=pixel_range, range_map=s.range_map)
 
-    # the run settings (flags) this parameterisation reads: part of a run's identity only when
-    # the run uses it (pipeline.identity_flags)
-    setting_flags = ("pixels_lr",)
-    # condense.CondenseSettings overrides that make a tiny set of this kind, for the shared test
-    # harnesses (tests/test_condense.py, tests/test_gpu_ready.py)
+    # The parameterisation's own settings (s.param_config); their fields are flags of the same
+    # name, part of a run's identity only when the run uses this parameterisation
+    # (pipeline.identity_flags).
+    Config = PixelsConfig
+    # settings (flag names; condense.settings) that make a tiny set of this kind, for the shared
+    # test harnesses (tests/test_condense.py, tests/test_gpu_ready.py)
     tiny_settings = {"ipc": 2}
 
     @classmethod
     def learning_rates(cls, s, method) -> dict:
         """Group -> (optimizer factory, learning rate): pixels take the method's own optimizer
         (Adam for ESP, SGD with momentum for DM and MTT) at --pixels_lr or the method's lr."""
-        lr = s.pixels_lr if s.pixels_lr is not None else method.default_lr_pixels
+        lr = s.param_config.pixels_lr
+        lr = lr if lr is not None else method.default_lr_pixels
         return {"pixels": (method.pixel_optimizer, lr)}
 
     def budget(self) -> dict:
@@ -200,9 +225,9 @@ def decoder_size(decoder: str, k: int, ch: int, hidden: int, downsample: int) ->
     return skip + taps * k * hidden + hidden + out
 
 
-def latent_plan(ipc: int, image_shape, num_classes: int, *, num_decoders: int = 4,
-                downsample: int = 2, code_channels: int | None = None, hidden: int = 16,
-                decoder: str = "residual") -> dict:
+def latent_plan(ipc: int, image_shape, num_classes: int, *, num_decoders: int = LatentsConfig.num_decoders,
+                downsample: int = LatentsConfig.latent_downsample, code_channels: int | None = None,
+                hidden: int = LatentsConfig.decoder_hidden, decoder: str = LatentsConfig.decoder) -> dict:
     """How LatentSynthetic spends the budget of `ipc` images per class (pure arithmetic).
 
     Budget: ipc * H * W * Ch floats per class, i.e. C * ipc * H * W * Ch in total. Every
@@ -293,12 +318,12 @@ class LatentSynthetic(tf.Module):
 
     def __init__(self, num_classes: int, ipc: int, image_shape, *, init: str = "real",
                  real_images: np.ndarray | None = None,
-                 num_decoders: int = 4,          # D: images per code; see the class docstring
-                 downsample: int = 2,            # f: code resolution H/f x W/f
-                 code_channels: int | None = None,   # k: None -> image channels Ch
-                 hidden: int = 16,               # residual-branch width of each decoder
-                 residual_init: float = 0.1,     # initial residual output scale (normalised units)
-                 decoder: str = "residual",      # residual-branch architecture (DECODERS)
+                 num_decoders: int = LatentsConfig.num_decoders,   # D: images per code (class docstring)
+                 downsample: int = LatentsConfig.latent_downsample,  # f: code resolution H/f x W/f
+                 code_channels: int | None = None,                   # k: None -> image channels Ch
+                 hidden: int = LatentsConfig.decoder_hidden,         # residual-branch width of each decoder
+                 residual_init: float = LatentsConfig.decoder_init,  # initial residual output scale
+                 decoder: str = LatentsConfig.decoder,                # residual-branch architecture (DECODERS)
                  seed: int = 0,
                  pixel_range=None,               # (lo, hi) per channel: renders are kept inside it
                  range_map: str = "clip",        # ... by clipping, or by a smooth tanh map
@@ -448,32 +473,38 @@ class LatentSynthetic(tf.Module):
     @staticmethod
     def _design(s) -> dict:
         """The design arguments of condensation settings `s` (condense.CondenseSettings)."""
-        return dict(num_decoders=s.num_decoders, downsample=s.latent_downsample,
-                    code_channels=s.latent_channels, hidden=s.decoder_hidden, decoder=s.decoder)
+        c = s.param_config
+        return dict(num_decoders=c.num_decoders, downsample=c.latent_downsample,
+                    code_channels=c.latent_channels, hidden=c.decoder_hidden, decoder=c.decoder)
 
     @classmethod
     def from_settings(cls, s, num_classes: int, image_shape, real_images, pixel_range):
         return cls(num_classes, s.ipc, image_shape, init=s.init, real_images=real_images, seed=s.seed,
-                   pixel_range=pixel_range, range_map=s.range_map, residual_init=s.decoder_init,
+                   pixel_range=pixel_range, range_map=s.range_map, residual_init=s.param_config.decoder_init,
                    **cls._design(s))
 
-    setting_flags = ("codes_lr", "decoders_lr", "num_decoders", "latent_downsample", "latent_channels",
-                     "decoder", "decoder_hidden", "decoder_init")
+    Config = LatentsConfig
     tiny_settings = {"ipc": 4, "num_decoders": 2}
 
     @classmethod
     def learning_rates(cls, s, method) -> dict:
         """Codes and decoders: Adam, whatever the method (paper 4.2), at --codes_lr/--decoders_lr."""
-        return {"codes": (keras.optimizers.Adam, s.codes_lr),
-                "decoders": (keras.optimizers.Adam, s.decoders_lr)}
+        return {"codes": (keras.optimizers.Adam, s.param_config.codes_lr),
+                "decoders": (keras.optimizers.Adam, s.param_config.decoders_lr)}
 
 
 # Parameterisations by name (--param). Each class gives the condensation loop the same interface:
 # real_images_needed, from_settings, learning_rates, variable_groups, render, budget, the
 # render_units / num_units / renders_per_unit of the whole-set gradient in pieces (chunks.py),
-# and the class attributes setting_flags and tiny_settings. A new one is its class plus one
-# entry here (`PARAMETERISATIONS[name] = cls` from outside the package).
+# and the class attributes Config (its settings, a frozen dataclass whose fields are flags of
+# the same name) and tiny_settings. A new one is its class plus one entry here
+# (`PARAMETERISATIONS[name] = cls` from outside the package).
 PARAMETERISATIONS = {"pixels": PixelSynthetic, "latents": LatentSynthetic}
+
+
+def setting_names(kind) -> tuple:
+    """The settings (flag names) parameterisation class `kind` reads: its Config's fields."""
+    return tuple(f.name for f in dataclasses.fields(kind.Config))
 
 
 def parameterisation(name: str):

@@ -28,7 +28,7 @@ def _settings(tmp_path, method="esp", **kw):
                 max_start_epoch=2, method_config=methods.get(method).Config(**_TINY.get(method, {})),
                 ckpt_every=1, log_every=1)
     base.update(kw)
-    return condense.CondenseSettings(**base)
+    return condense.settings(**base)
 
 
 def _tiny_run(tmp_path, method, param, **kw):
@@ -74,7 +74,7 @@ def test_every_method_and_parameterisation_condenses_checkpoints_and_resumes(tmp
      dict(method="tm", lr_pixels=100.0, inner_steps=7, batch_syn=5, init_lr=0.02)),
     (["--method=dm", "--real_per_class=9"], dict(method="dm", lr_pixels=1.0, real_per_class=9)),
     (["--param=latents", "--codes_lr=0.2", "--num_decoders=3", "--beta=0.5", "--losses=proj"],
-     dict(method="esp", param="latents", lr_codes=0.2, num_decoders=3, beta=0.5, losses=("proj",))),
+     dict(method="esp", param="latents", codes_lr=0.2, num_decoders=3, beta=0.5, losses=("proj",))),
     (["--param=latents", "--decoder=transposed", "--decoder_hidden=5", "--latent_channels=4",
       "--decoder_init=0.5", "--syn_chunk=64"],
      dict(decoder="transposed", decoder_hidden=5, latent_channels=4, decoder_init=0.5, chunk=64)),
@@ -85,11 +85,9 @@ def test_condensation_flags_reach_the_settings(argv, expect):
         flags.FLAGS(["train", "--workdir=/tmp/x"] + argv)
         s = cli.condense_settings(cli.from_flags())
     lr_pixels = condense.make_optimizers(s).get("pixels")
-    got = dict(method=s.method, param=s.param, lr_codes=s.codes_lr, num_decoders=s.num_decoders,
-               decoder=s.decoder, decoder_hidden=s.decoder_hidden, latent_channels=s.latent_channels,
-               decoder_init=s.decoder_init,
+    got = dict(method=s.method, param=s.param,
                lr_pixels=None if lr_pixels is None else float(lr_pixels.learning_rate),   # at update 0
-               **dataclasses.asdict(s.method_config))
+               **dataclasses.asdict(s.method_config), **dataclasses.asdict(s.param_config))
     for key, value in expect.items():
         assert got[key] == value, key
 
@@ -164,13 +162,20 @@ def test_syn_batch_reaches_both_esp_and_tm(method):
 
 def test_library_and_command_line_defaults_agree():
     """CondenseSettings' fields carry their flag's name; a library caller gets the CLI's defaults,
-    and each method's settings have one default, in its Config (the flags default to None)."""
+    and each method's and parameterisation's settings have one default, in its Config (the flags
+    default to None; the resolved settings take the Config's)."""
     checked = 0
     for field in dataclasses.fields(condense.CondenseSettings):
         if field.name in cli.NAMES and field.default is not dataclasses.MISSING:
             assert field.default == cli.FLAGS[field.name].default, field.name
             checked += 1
-    assert checked >= 15
+    assert checked >= 14
     for name in methods.NAMES:
         for flag in methods.get(name).flag_fields:
             assert cli.FLAGS[flag].default is None, flag
+    resolved = cli.settings(param="latents")
+    for kind in PARAMETERISATIONS.values():
+        for field in dataclasses.fields(kind.Config):
+            assert cli.FLAGS[field.name].default is None, field.name
+            assert getattr(resolved, field.name) == field.default, field.name
+    assert cli.condense_settings(resolved).param_config == PARAMETERISATIONS["latents"].Config()

@@ -127,7 +127,7 @@ trajs = np.stack([np.stack([net.init([k, e]).numpy() for e in range(3)]) for k i
 out = {}
 for method in ("esp", "dm"):
     config = methods.get(method).Config(real_per_class=4, **({"inner_steps": 2} if method == "esp" else {}))
-    s = condense.CondenseSettings(workdir=str(root / method / "single"), method=method, ipc=3, iterations=2,
+    s = condense.settings(workdir=str(root / method / "single"), method=method, ipc=3, iterations=2,
                                   segment_length=1, max_start_epoch=2, method_config=config, ckpt_every=1,
                                   log_every=1, init="gaussian", pixels_lr=0.01)
     t = trajs if method == "esp" else None
@@ -194,7 +194,7 @@ C, HW = 3, 8
 real = fake_real(C, HW, 3, 12)
 net = models.FlatModel(models.convnet((HW, HW, 3), C, width=4, depth=2))
 trajs = np.stack([np.stack([net.init([k, e]).numpy() for e in range(3)]) for k in range(2)])
-s = condense.CondenseSettings(workdir=str(root), method="esp", ipc=3, iterations=2, segment_length=1,
+s = condense.settings(workdir=str(root), method="esp", ipc=3, iterations=2, segment_length=1,
                               max_start_epoch=2, method_config=methods.get("esp").Config(real_per_class=4, inner_steps=2),
                               ckpt_every=1, log_every=1, init="gaussian", pixels_lr=0.01)
 images, _, _ = condense.run(real, net, trajs, s, strategy)

@@ -35,7 +35,7 @@ def _net():
 def _synthetic(param="pixels"):
     """A tiny Gaussian-init set of any registered parameterisation, from its own tiny settings."""
     kind = PARAMETERISATIONS[param]
-    s = condense.CondenseSettings(workdir="", param=param, init="gaussian", **kind.tiny_settings)
+    s = condense.settings(workdir="", param=param, init="gaussian", **kind.tiny_settings)
     return kind.from_settings(s, C, (HW, HW, 1), None, None)
 
 

@@ -56,7 +56,6 @@ class PixelMean(Method):
 class MirroredPixels(synthetic.PixelSynthetic):
     """Toy parameterisation: every stored image renders twice, as itself and mirrored."""
 
-    setting_flags = ()
     tiny_settings = {"ipc": 1}
     renders_per_unit = 2
 
