@@ -301,7 +301,7 @@ def test_learning_curve_tool_reports_fit_and_transfer_at_each_checkpoint(sets, t
     output = tmp_path / "curve.json"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run([sys.executable, "tools/learning_curve.py", f"--condensed={sets['work']}",
-                          "--arch=convnet_tiny", "--epochs=4", "--every=2", "--test_subset=100",
+                          "--arch=convnet_tiny", "--eval_epochs=4", "--every=2", "--test_subset=100",
                           f"--output={output}"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

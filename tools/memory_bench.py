@@ -44,7 +44,7 @@ flags.DEFINE_integer("real_per_class", 64, "Real images per class in the DM term
 flags.DEFINE_list("methods", ["esp"], "Methods: esp, tm (MTT's unrolled trajectory matching).")
 flags.DEFINE_list("ipcs", [], "IPCs of the IPC sweep at N=--ipc_steps (default: only --ipc, no sweep).")
 flags.DEFINE_integer("ipc_steps", 0, "N of the IPC sweep (0: the smallest of --steps).")
-flags.DEFINE_integer("batch_syn", 0, "TM: synthetic images per student step (0: all, MTT's default).")
+flags.DEFINE_integer("syn_batch", 0, "TM: synthetic images per student step (as esp_tf.train --syn_batch) (0: all, MTT's default).")
 flags.DEFINE_bool("dsa", True, "DSA in both methods (as they are run); --nodsa traces much faster.")
 flags.DEFINE_integer("max_mib", 12288, "Kill a child whose RSS passes this (MiB): protects a shared machine.")
 flags.DEFINE_string("plot", None, "PNG plot path (default memory_bench.png when tm or an IPC sweep is run).")
@@ -128,7 +128,7 @@ def _child(n_steps: int, method: str) -> dict:
         opts = {"pixels": keras.optimizers.SGD(100.0, momentum=0.5),
                 "lr": keras.optimizers.SGD(1e-5, momentum=0.5)}
         step = tm.TMStep(net, syn, opts, None, tm.TMConfig(
-            inner_steps=n_steps, batch_syn=FLAGS.batch_syn or None, dsa=dsa))
+            inner_steps=n_steps, batch_syn=FLAGS.syn_batch or None, dsa=dsa))
         target = theta0 + 0.01 * tf.random.stateless_normal(theta0.shape, [1, 1])
 
         def iteration(it):
@@ -241,7 +241,7 @@ def _measure(method: str, n: int, ipc: int, chunk: int = -1, child_experts: int 
            f"--ipc={ipc}", f"--child_chunk={chunk}", f"--child_experts={child_experts}",
            f"--child_stream={stream}"] + [
                f"--{k}={getattr(FLAGS, k)}" for k in ("num_classes", "size", "width", "real_per_class",
-                                                     "batch_syn", "dsa", "param", "latent_downsample",
+                                                     "syn_batch", "dsa", "param", "latent_downsample",
                                                      "num_decoders")]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc, peak, t0 = subprocess.Popen(cmd, stdout=out, stderr=err, text=True), 0, time.time()
@@ -286,7 +286,7 @@ def _compare(methods, steps, ipcs, ipc_n):
     settings = [(m, n, FLAGS.ipc) for m in methods for n in steps]
     settings += [(m, ipc_n, i) for m in methods for i in ipcs if (m, ipc_n, i) not in settings]
     print(f"Peak memory of one synthetic update (esp: N ESP steps; tm: one MTT update of N unrolled "
-          f"steps, batch_syn {FLAGS.batch_syn or 'all'}, DSA {'on' if FLAGS.dsa else 'off'}), "
+          f"steps, syn_batch {FLAGS.syn_batch or 'all'}, DSA {'on' if FLAGS.dsa else 'off'}), "
           f"ConvNet-3 width {FLAGS.width}, {FLAGS.size}x{FLAGS.size}x3, {FLAGS.num_classes} classes, "
           f"DM real batch {FLAGS.real_per_class}/class", flush=True)
     print(f"{'method':>6} {'N':>4} {'IPC':>4} {'step peak MiB':>14} {'process peak MiB':>17} "
