@@ -12,6 +12,7 @@ import typing
 
 from absl import flags
 
+from esp_tf import choices, cluster    # TensorFlow-free: the named choices of the enum flags
 from esp_tf import shared_flags    # --data_dir, --seed, --verbose and the --eval_* settings
 
 # The flags live in this registry, not absl's global one: importing the library (esp_tf.pipeline
@@ -68,7 +69,7 @@ flags.DEFINE_string("param", "pixels",
                     "pixels, or latents: codes + shared decoders (paper 4.2, after KFS). Flags marked 'param "
                     "setting' default to the parameterisation's own (its Config in esp_tf/synthetic.py).", flag_values=REGISTRY)
 flags.DEFINE_integer("ipc", 1, "Images per class of the condensed set (the storage budget).", flag_values=REGISTRY)
-flags.DEFINE_enum("init", "real", ["real", "gaussian"], "Synthetic init: real images or Gaussian noise (paper).", flag_values=REGISTRY)
+flags.DEFINE_enum("init", "real", choices.INITS, "Synthetic init: real images or Gaussian noise (paper).", flag_values=REGISTRY)
 flags.DEFINE_integer("iterations", 1000, "Outer iterations; each picks a new expert segment.", flag_values=REGISTRY)
 flags.DEFINE_integer("inner_steps", None, "Method setting. esp: N projected student steps (= synthetic "
                      "updates) per iteration; tm: unrolled student steps per update.", flag_values=REGISTRY)
@@ -79,7 +80,7 @@ flags.DEFINE_float("beta", None, "Method setting (esp). Weight of the projection
 flags.DEFINE_float("inner_lr", None, "Method setting (esp). Projected-SGD student learning rate (paper 4.2).", flag_values=REGISTRY)
 flags.DEFINE_list("losses", None, "Method setting (esp). Outer loss terms: proj, dm or both (paper "
                   "Table 4); default both.", flag_values=REGISTRY)
-flags.DEFINE_enum("dm_reduction", None, ["sum", "class_mean", "element_mean"],
+flags.DEFINE_enum("dm_reduction", None, choices.DM_REDUCTIONS,
                   "Method setting (esp). How ESP's L_DM reduces the squared distances of class-mean embeddings: sum over "
                   "classes and features (DM's code), class_mean (eq. 8 as written), element_mean "
                   "(MSE; chosen on a validation split, see BENCHMARKS.md). Sets what --beta means; "
@@ -106,7 +107,7 @@ flags.DEFINE_integer("num_decoders", None, "Param setting (latents). Shared deco
 flags.DEFINE_integer("latent_downsample", None, "Param setting (latents). Latent codes are image size / this.", flag_values=REGISTRY)
 flags.DEFINE_integer("latent_channels", None, "Param setting (latents). Channels of a latent code; unset: the image's "
                      "(the first image-channels carry the real-image init).", flag_values=REGISTRY)
-flags.DEFINE_enum("decoder", None, ["residual", "transposed"], "Param setting (latents). Decoder architecture "
+flags.DEFINE_enum("decoder", None, choices.DECODERS, "Param setting (latents). Decoder architecture "
                   "(esp_tf/synthetic.py): residual (conv3x3 on the code, bilinear upsampling, "
                   "conv3x3) or transposed (a learned upsampling by a transposed convolution, as KFS), "
                   "each beside an identity-initialised linear skip.", flag_values=REGISTRY)
@@ -114,11 +115,11 @@ flags.DEFINE_integer("decoder_hidden", None, "Param setting (latents). Channels 
                      "decoders' floats count against the budget.", flag_values=REGISTRY)
 flags.DEFINE_float("decoder_init", None, "Param setting (latents). Scale of each decoder's residual branch at init, in "
                    "normalised pixel units: how differently the decoders start.", flag_values=REGISTRY)
-flags.DEFINE_enum("lr_schedule", "linear", ["linear", "constant"], "Synthetic lr schedule (paper: linear decay).", flag_values=REGISTRY)
+flags.DEFINE_enum("lr_schedule", "linear", choices.LR_SCHEDULES, "Synthetic lr schedule (paper: linear decay).", flag_values=REGISTRY)
 flags.DEFINE_bool("dsa", True, "Differentiable Siamese augmentation during condensation.", flag_values=REGISTRY)
 flags.DEFINE_bool("clip_pixels", True, "Clip synthetic renders to the real pixel range 0..255 (valid "
                   "images for uint8 export and BatchNorm networks); --noclip_pixels: unbounded.", flag_values=REGISTRY)
-flags.DEFINE_enum("range_map", "clip", ["clip", "tanh"], "How --clip_pixels keeps renders inside the "
+flags.DEFINE_enum("range_map", "clip", choices.RANGE_MAPS, "How --clip_pixels keeps renders inside the "
                   "pixel range: clip (a value at a bound gets no gradient), or tanh (a smooth map into "
                   "the range; every value keeps its gradient).", flag_values=REGISTRY)
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the ESP step (recommended on GPU).", flag_values=REGISTRY)
@@ -128,7 +129,7 @@ flags.DEFINE_integer("worker_index", None, "This worker's index among --num_work
                      "--experts_dir); default: from TF_CONFIG, else the only worker.", flag_values=REGISTRY)
 flags.DEFINE_integer("num_workers", None, "Expert-generation workers filling one --experts_dir "
                      "(with --worker_index); default: the chief + worker tasks of TF_CONFIG, else 1.", flag_values=REGISTRY)
-flags.DEFINE_enum("strategy", "none", ["none", "mirrored", "multi_worker"], "tf.distribute strategy "
+flags.DEFINE_enum("strategy", "none", cluster.STRATEGIES, "tf.distribute strategy "
                   "of the condensation: none (one device), mirrored (every local GPU, data-parallel), "
                   "multi_worker (MultiWorkerMirroredStrategy across the TF_CONFIG cluster).", flag_values=REGISTRY)
 flags.DEFINE_integer("ckpt_every", 50, "Checkpoint the synthetic set every this many iterations.", flag_values=REGISTRY)
@@ -323,9 +324,9 @@ def validate(s: Settings) -> list:
     if s.max_start_epoch >= 1 and s.max_start_epoch - 1 + s.segment_length > s.expert_epochs:
         errors.append(f"--max_start_epoch - 1 ({s.max_start_epoch - 1}) + --segment_length "
                       f"({s.segment_length}) exceeds --expert_epochs ({s.expert_epochs})")
-    bad = [b for b in s.baselines if b not in ("random", "herding")]
+    bad = [b for b in s.baselines if b not in choices.BASELINES]
     if bad:
-        errors.append(f"--baselines: unknown {bad}; available: random, herding")
+        errors.append(f"--baselines: unknown {bad}; available: {', '.join(choices.BASELINES)}")
     for name in NAMES:                                   # NaN/inf would poison every update
         value = getattr(s, name)
         if isinstance(value, float) and not math.isfinite(value):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from esp_tf import augment
+from esp_tf.choices import DM_REDUCTIONS  # noqa: F401  (named once, TF-free; matching.DM_REDUCTIONS)
 
 # How the DM loss reduces the per-class squared distances of mean embeddings [C, D]:
 #   sum          over classes and features (DM's reference code);
@@ -14,7 +15,6 @@ from esp_tf import augment
 #   element_mean mean over classes and features (the usual MSE reduction).
 # The ESP paper's beta = 1e-5 balances L_DM against L_proj only under some unstated
 # convention, so the convention is a setting and ESP runs log the measured pull ratio.
-DM_REDUCTIONS = ("sum", "class_mean", "element_mean")
 
 
 def dm_loss(real_means: tf.Tensor, syn_features: tf.Tensor, syn_labels: tf.Tensor,

@@ -18,10 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-INITS = ("gaussian", "real")
-
-
-RANGE_MAPS = ("clip", "tanh")
+from esp_tf.choices import DECODERS, INITS, RANGE_MAPS  # noqa: F401  (named once, TF-free)
 
 
 # Each parameterisation's own settings, with their defaults (the only place they are set). Field
@@ -212,7 +209,6 @@ def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
 #   residual    conv3x3 (k -> m) on the code, SiLU, bilinear x f, conv3x3 (m -> Ch)
 #   transposed  transposed conv f x f, stride f (k -> m: a learned x f upsampling), SiLU,
 #               conv3x3 (m -> Ch)  (KFS builds its decoders from transposed convolutions)
-DECODERS = ("residual", "transposed")
 
 
 def decoder_size(decoder: str, k: int, ch: int, hidden: int, downsample: int) -> int:
