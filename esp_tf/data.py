@@ -629,6 +629,7 @@ class ClassBalancedSampler:
         self._offsets = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]), tf.int32)
         self._max_count = int(counts.max())
         self.num_classes = data.num_classes
+        self.image_shape = data.image_shape
 
     def sample(self, seed, per_class: int, part: tuple | None = None):
         """Normalised float32 images [C*per_class, H, W, Ch] (class-major) and int32 labels.
@@ -667,6 +668,29 @@ class ClassBalancedSampler:
                 images = to_model(self._data, images)
         labels = tf.repeat(tf.range(c, dtype=tf.int32), per_class)
         return images, labels
+
+    def class_rows(self, c, start, size: int):
+        """Images [size, H, W, Ch] (normalised float32) of class c (an int32 scalar tensor), its
+        images start .. start+size-1 in stored order, and a float32 mask [size]: 1 on the class's
+        images, 0 past its last one (whose image fills those rows). For whole-class means."""
+        index = start + tf.range(size)
+        mask = tf.cast(index < self._counts[c], tf.float32)
+        index = self._offsets[c] + tf.minimum(index, self._counts[c] - 1)
+        if self._images is None:                       # streamed: read from the memory map
+            return to_model(self._data, _read_rows(self._data.train_images, index)), mask
+        images = tf.gather(self._images, index)
+        if self._data.whitening is None:
+            images = to_model(self._data, images)
+        return images, mask
+
+    @property
+    def class_counts(self) -> tf.Tensor:
+        """Train images per class [C] (int32)."""
+        return self._counts
+
+    @property
+    def max_class_count(self) -> int:
+        return self._max_count
 
     def random_subset(self, seed: int, per_class: int):
         """``per_class`` distinct real images of every class (uint8, int32 labels), class-major."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from esp_tf.chunks import replica as _replica
-from esp_tf.matching import augment_by_class
+from esp_tf.matching import augment_by_class, whole_class_sums
 from esp_tf.methods.dm import DMStep
 from esp_tf.methods.esp import ESPStep
 
@@ -34,8 +34,14 @@ SUM = tf.distribute.ReduceOp.SUM
 
 def real_class_means(net, theta, sampler, seed, per_class: int, num_classes: int, params):
     """matching.real_class_means with the real batch split across replicas: each embeds its
-    block of every class's draw; the block means are all-reduced. [C, D], gradient stopped."""
+    block of every class's draw; the block means are all-reduced. [C, D], gradient stopped.
+    per_class 0 (every real image): each replica sums its share of each class's chunks."""
     index, count = _replica()
+    ctx = tf.distribute.get_replica_context()
+    if per_class == 0:
+        sums = whole_class_sums(net, theta, sampler, num_classes, params, part=(index, count))
+        counts = tf.cast(sampler.class_counts, theta.dtype)[:, None]
+        return tf.stop_gradient(ctx.all_reduce(SUM, sums) / counts)
     x, y = sampler.sample(seed, per_class, part=(index, count))      # [C*r/R, H, W, Ch]
     k = per_class // count
     x = tf.reshape(x, [num_classes, k, *x.shape[1:]])
@@ -46,7 +52,6 @@ def real_class_means(net, theta, sampler, seed, per_class: int, num_classes: int
         return tf.reduce_mean(net.features(theta, augment_by_class(xc, yc, params)), axis=0)
 
     means = tf.map_fn(one_class, (x, y), fn_output_signature=theta.dtype, parallel_iterations=1)
-    ctx = tf.distribute.get_replica_context()
     return tf.stop_gradient(ctx.all_reduce(SUM, means) / count)
 
 

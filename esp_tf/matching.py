@@ -45,12 +45,49 @@ def augment_by_class(x, labels, params):
     return x if params is None else augment.apply(x, augment.take(params, labels))
 
 
+# Real images per forward pass of a whole-class mean (--real_per_class=0): 512 at 32x32, scaled
+# by the image area. Forward passes only (the real side carries no gradient), so memory is that
+# of one such batch's activations.
+WHOLE_CLASS_CHUNK_PIXELS = 512 * 32 * 32
+
+
+def whole_class_sums(net, theta, sampler, num_classes: int, params, part=(0, 1)) -> tf.Tensor:
+    """Sum of the embeddings [C, D] of EVERY real training image of each class at theta (with
+    the class's DSA draw), gradient stopped; `part=(i, n)` sums only chunks k = i, i+n, ... of
+    each class (n replicas together cover every chunk once). Classes one at a time, each in
+    chunks of WHOLE_CLASS_CHUNK_PIXELS pixels; rows past a class's end are masked out."""
+    shape = sampler.image_shape
+    chunk = max(1, WHOLE_CLASS_CHUNK_PIXELS // (int(shape[0]) * int(shape[1])))
+    chunk = min(chunk, sampler.max_class_count)
+    chunks = -(-sampler.max_class_count // chunk)                    # ceil
+    index, count = part
+    mine = len(range(index, chunks, count))
+
+    def one_class(c):
+        def body(j, acc):
+            x, mask = sampler.class_rows(c, (index + j * count) * chunk, chunk)
+            y = tf.fill([chunk], c)
+            feats = net.features(theta, augment_by_class(x, y, params))
+            return j + 1, acc + tf.reduce_sum(feats * tf.cast(mask, feats.dtype)[:, None], axis=0)
+
+        init = (tf.constant(0), tf.zeros([net.feature_dim], theta.dtype))
+        return tf.while_loop(lambda j, acc: j < mine, body, init, parallel_iterations=1)[1]
+
+    sums = tf.map_fn(one_class, tf.range(num_classes, dtype=tf.int32), fn_output_signature=theta.dtype,
+                     parallel_iterations=1)
+    return tf.stop_gradient(sums)
+
+
 def real_class_means(net, theta, sampler, seed, per_class: int, num_classes: int, params) -> tf.Tensor:
-    """Mean embedding [C, D] of a fresh class-balanced real batch at theta, gradient stopped.
+    """Mean embedding [C, D] of a fresh class-balanced real batch at theta, gradient stopped;
+    per_class 0: of every real image of the class (`whole_class_sums`; no draw, seed unused).
 
     `net` is a models.FlatModel. Classes are embedded one at a time (map_fn) so memory is that
     of one class batch.
     """
+    if per_class == 0:
+        counts = tf.cast(sampler.class_counts, theta.dtype)[:, None]
+        return whole_class_sums(net, theta, sampler, num_classes, params) / counts
     x, y = sampler.sample(seed, per_class)                        # [C*r, H, W, Ch], [C*r]
     x = tf.reshape(x, [num_classes, per_class, *x.shape[1:]])     # [C, r, H, W, Ch]
     y = tf.reshape(y, [num_classes, per_class])                   # [C, r]

@@ -43,14 +43,18 @@ out = {}
 # replica's block in pieces of 2 renders against one piece on one device; the sliced variant
 VARIANTS = {"pixels": ("pixels", {}, {}), "latents": ("latents", {}, {}),
             "latents_pieces": ("latents", {"chunk": 2}, {"chunk": 0}),
-            "pixels_sliced": ("pixels", {"batch_syn": 6}, {"batch_syn": 6})}
+            "pixels_sliced": ("pixels", {"batch_syn": 6}, {"batch_syn": 6}),
+            # the whole class on the real side: 3 chunks of 5 rows per class, 2 on one replica
+            "pixels_whole_class": ("pixels", {"real_per_class": 0}, {"real_per_class": 0})}
+from esp_tf import matching
+matching.WHOLE_CLASS_CHUNK_PIXELS = 5 * HW * HW
 for name, (param, replicated_kw, single_kw) in VARIANTS.items():
     trajectory = np.stack([net.init([k, 0]).numpy() for k in range(3)])       # [3, P]
     basis = subspace.basis(tf.constant(trajectory))
     results = []
     for replicated in (False, True):
         if replicated:
-            config = esp.ESPConfig(real_per_class=4, inner_steps=3, **replicated_kw)
+            config = esp.ESPConfig(**{"real_per_class": 4, "inner_steps": 3, **replicated_kw})
             with strategy.scope():
                 syn = make_set(param)
                 opts = {k: keras.optimizers.Adam(0.05) for k in syn.variable_groups()}
@@ -58,7 +62,7 @@ for name, (param, replicated_kw, single_kw) in VARIANTS.items():
             if "chunk" in replicated_kw:
                 assert step.chunks.count > 2, step.chunks.count      # several pieces per replica
         else:
-            config = esp.ESPConfig(real_per_class=4, inner_steps=3, **single_kw)
+            config = esp.ESPConfig(**{"real_per_class": 4, "inner_steps": 3, **single_kw})
             syn = make_set(param)
             opts = {k: keras.optimizers.Adam(0.05) for k in syn.variable_groups()}
             step = esp.ESPStep(net, syn, opts, data.ClassBalancedSampler(real), config)
@@ -102,7 +106,7 @@ def _run(code):
 
 def test_esp_updates_under_mirrored_strategy_equal_single_device_updates():
     out = _run(ESP)
-    assert set(out) == {"pixels", "latents", "latents_pieces", "pixels_sliced"}
+    assert set(out) == {"pixels", "latents", "latents_pieces", "pixels_sliced", "pixels_whole_class"}
     for param, r in out.items():
         assert r["moved"] > 1e-4, f"{param}: the set did not move; the comparison would be empty"
         assert r["vars"] < 2e-4, (param, r)          # Adam after 3 updates: ~5e-5 seen (latents)

@@ -19,14 +19,15 @@ from esp_tf.methods.base import Method
 
 @dataclasses.dataclass(frozen=True)
 class DMConfig:
-    real_per_class: int = 256        # real images per class per update (DM's batch_real)
+    real_per_class: int = 256        # real images per class per update (DM's batch_real); 0: every
+    #                                  real image of the class (forward passes only, in chunks)
     dsa: augment.DSAConfig | None = augment.DSAConfig()   # DM uses DSA; None disables it
     chunk: int | None = None         # renders per piece of the exact whole-set gradient (chunks.py);
     #                                  None: 256 at 32x32, scaled by the image area; 0: one piece
 
     def __post_init__(self):
-        if self.real_per_class < 1:
-            raise ValueError(f"real_per_class must be >= 1, got {self.real_per_class}")
+        if self.real_per_class < 0:
+            raise ValueError(f"real_per_class must be >= 0 (0: the whole class), got {self.real_per_class}")
         if self.chunk is not None and self.chunk < 0:
             raise ValueError(f"chunk must be >= 0 (0: the whole set at once), got {self.chunk}")
 

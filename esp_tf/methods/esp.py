@@ -64,7 +64,8 @@ class ESPConfig:
     inner_lr: float = 0.1            # alpha: constant lr of the projected SGD student (paper 4.2)
     inner_steps: int = 10            # N: projected student steps (= synthetic updates) per segment
     losses: tuple = LOSSES           # a non-empty subset of LOSS_TERMS: the paper's Table 4 ablation
-    real_per_class: int = 256        # real images per class for L_DM per update (DM's default)
+    real_per_class: int = 256        # real images per class for L_DM per update (DM's default);
+    #                                  0: every real image of the class (forward only, in chunks)
     dsa: augment.DSAConfig | None = augment.DSAConfig()   # None disables augmentation
     batch_syn: int | None = None     # None: every synthetic image each update (the paper's point);
     #                                  k: a random class-balanced slice of k images (Figure 8 study)
@@ -89,8 +90,8 @@ class ESPConfig:
         if bad or not self.losses:
             raise ValueError(f"losses must be a non-empty subset of {','.join(LOSSES)}, got "
                              f"{','.join(self.losses)}")
-        if self.real_per_class < 1 and self.needs_real:
-            raise ValueError("real_per_class must be >= 1 when the dm loss is used")
+        if self.real_per_class < 0:
+            raise ValueError(f"real_per_class must be >= 0 (0: the whole class), got {self.real_per_class}")
 
     @property
     def needs_real(self) -> bool:
