@@ -12,7 +12,7 @@ import typing
 
 from absl import flags
 
-from esp_tf import choices, cluster    # TensorFlow-free: the named choices of the enum flags
+from esp_tf import choices, config  # TensorFlow-free: every setting, its default, help and type
 from esp_tf import shared_flags    # --data_dir, --seed, --verbose and the --eval_* settings
 
 # The flags live in this registry, not absl's global one: importing the library (esp_tf.pipeline
@@ -20,135 +20,13 @@ from esp_tf import shared_flags    # --data_dir, --seed, --verbose and the --eva
 REGISTRY = flags.FlagValues()
 shared_flags.install(__name__, REGISTRY)     # listed by --help and recorded in flags.txt as ours
 FLAGS = REGISTRY
-PHASES = ("experts", "condense", "evaluate", "export")
+PHASES = choices.PHASES
 
-# -- data & model ------------------------------------------------------------------------
-flags.DEFINE_string("dataset", "fashion_mnist_mini", "TFDS dataset name (embedded default needs no download), "
-                    "or folder:<dir> for your own images (one subfolder per class; README 'Your own images').", flag_values=REGISTRY)
-flags.DEFINE_integer("image_size", 0, "--dataset=folder:<dir> only: resize every image to this many pixels "
-                     "square (0: keep the images' own size, which they must then share).", flag_values=REGISTRY)
-flags.DEFINE_bool("download", True, "Download and prepare a missing dataset through TFDS, as tfds.load "
-                  "does (needs network); --nodownload: only read prepared data (tests, benchmarks).", flag_values=REGISTRY)
-flags.DEFINE_string("workdir", None, "Output directory of this run (flags, checkpoints, metrics, exports).", flag_values=REGISTRY)
-flags.DEFINE_string("experts_dir", None, "Trajectory store; default <workdir>/experts. Share it across runs.", flag_values=REGISTRY)
-flags.DEFINE_string("model", "convnet3", "Student/expert network (models.ARCHS).", flag_values=REGISTRY)
-flags.DEFINE_integer("width", 128, "ConvNet width (128 in the field's ConvNet-3).", flag_values=REGISTRY)
-flags.DEFINE_integer("depth", 3, "ConvNet depth (3 in the field's ConvNet-3).", flag_values=REGISTRY)
-flags.DEFINE_list("phases", list(PHASES), "Phases to run, in this order: " + ",".join(PHASES), flag_values=REGISTRY)
-flags.DEFINE_integer("val_per_class", 0, "Hold out this many training images per class as a "
-                     "validation split (class-balanced, fixed seed): experts and condensation never "
-                     "see them, and evaluation scores them beside the test split. Choose "
-                     "hyper-parameters on it, never on the test split. 0: no validation split.", flag_values=REGISTRY)
-flags.DEFINE_enum("real_data", "auto", ["auto", "memory", "stream"], "How real images are held: "
-                  "'memory' reads the splits whole; 'stream' writes them once to a class-sorted uint8 cache "
-                  "on disk (--real_cache_dir) and reads every batch from it, memory-mapped, so datasets "
-                  "larger than memory work and draw the same images; 'auto' streams splits larger than "
-                  "1/8 of this machine's memory. TFDS datasets only (folder: datasets are read whole).", flag_values=REGISTRY)
-flags.DEFINE_string("real_cache_dir", None, "Local directory of the streamed-data cache (--real_data); "
-                    "default <data_dir>/esp_tf_cache. Runs of one dataset share it.", flag_values=REGISTRY)
-flags.DEFINE_bool("zca", False, "ZCA-whiten the network inputs (fit on the training images, eps 0.1, "
-                  "as MTT does for CIFAR at IPC 1 and 10) instead of per-channel mean/std; experts, "
-                  "condensation and evaluation all see whitened images. Needs --noclip_pixels.", flag_values=REGISTRY)
-
-# -- experts (MTT's buffer recipe) -------------------------------------------------------
-flags.DEFINE_integer("num_experts", 100, "Expert trajectories to train (MTT 100, ESP paper 1000).", flag_values=REGISTRY)
-flags.DEFINE_integer("expert_epochs", 50, "Epochs per expert; snapshots = epochs + 1.", flag_values=REGISTRY)
-flags.DEFINE_float("expert_lr", 0.01, "Expert SGD learning rate (constant, no momentum).", flag_values=REGISTRY)
-flags.DEFINE_integer("expert_batch", 256, "Expert batch size.", flag_values=REGISTRY)
-flags.DEFINE_bool("accept_weak_experts", False, "Store experts whose test accuracy stays within 1.5x "
-                  "of chance (they learned nothing, e.g. a diverged --expert_lr); refused by default.", flag_values=REGISTRY)
-flags.DEFINE_bool("expert_dsa", True, "DSA augmentation while training experts (MTT: on).", flag_values=REGISTRY)
-
-# -- ESP condensation --------------------------------------------------------------------
-flags.DEFINE_string("method", "esp",
-                  "Condensation method (esp_tf.methods, or one registered there): esp, or the baselines dm (distribution "
-                  "matching) and tm (MTT). Flags marked 'method setting' default to the method's own "
-                  "(its Config in esp_tf/methods/<method>.py); flags.txt records the values used.", flag_values=REGISTRY)
-flags.DEFINE_string("param", "pixels",
-                    "Synthetic-set parameterisation (synthetic.PARAMETERISATIONS, or one registered there): "
-                    "pixels, or latents: codes + shared decoders (paper 4.2, after KFS). Flags marked 'param "
-                    "setting' default to the parameterisation's own (its Config in esp_tf/synthetic.py).", flag_values=REGISTRY)
-flags.DEFINE_integer("ipc", 1, "Images per class of the condensed set (the storage budget).", flag_values=REGISTRY)
-flags.DEFINE_enum("init", "real", choices.INITS, "Synthetic init: real images or Gaussian noise (paper).", flag_values=REGISTRY)
-flags.DEFINE_integer("iterations", 1000, "Outer iterations; each picks a new expert segment.", flag_values=REGISTRY)
-flags.DEFINE_integer("inner_steps", None, "Method setting. esp: N projected student steps (= synthetic "
-                     "updates) per iteration; tm: unrolled student steps per update.", flag_values=REGISTRY)
-flags.DEFINE_integer("segment_length", 2, "T: expert epochs spanned by one subspace (T+1 snapshots).", flag_values=REGISTRY)
-flags.DEFINE_integer("max_start_epoch", 20, "Segments start at an epoch drawn from 0..this-1 (exclusive, "
-                     "as MTT's max_start_epoch); experts need this - 1 + --segment_length epochs.", flag_values=REGISTRY)
-flags.DEFINE_float("beta", None, "Method setting (esp). Weight of the projection loss (paper 4.2).", flag_values=REGISTRY)
-flags.DEFINE_float("inner_lr", None, "Method setting (esp). Projected-SGD student learning rate (paper 4.2).", flag_values=REGISTRY)
-flags.DEFINE_list("losses", None, "Method setting (esp). Outer loss terms: proj, dm or both (paper "
-                  "Table 4); default both.", flag_values=REGISTRY)
-flags.DEFINE_enum("dm_reduction", None, choices.DM_REDUCTIONS,
-                  "Method setting (esp). How ESP's L_DM reduces the squared distances of class-mean embeddings: sum over "
-                  "classes and features (DM's code), class_mean (eq. 8 as written), element_mean "
-                  "(MSE; chosen on a validation split, see BENCHMARKS.md). Sets what --beta means; "
-                  "metrics.jsonl logs the resulting pull ratio ('pull').", flag_values=REGISTRY)
-flags.DEFINE_integer("real_per_class", None, "Method setting (esp, dm). Real images per class in each "
-                     "DM term, drawn afresh every update; 0: every real training image of the class (the "
-                     "class mean needs no gradient: forward passes only, in chunks; on CIFAR-10 that is "
-                     "4,500-5,000 forwards per class per update).", flag_values=REGISTRY)
-flags.DEFINE_integer("syn_batch", None, "Method setting (esp, tm). Synthetic images per update (0 or "
-                     "unset = all): esp takes a random "
-                     "class-balanced slice (the paper's Figure 8 study); tm per unrolled step (MTT's batch_syn).", flag_values=REGISTRY)
-flags.DEFINE_integer("syn_chunk", None, "Method setting (esp, dm). The exact gradient over the whole "
-                     "synthetic set is computed in pieces of at most this many renders, so memory grows "
-                     "with the piece, not the set (esp_tf/chunks.py); unset: 256 at 32x32, scaled by the "
-                     "image area; 0: the whole set at once. Sets no larger than one piece cost nothing "
-                     "extra; larger ones about one more forward pass.", flag_values=REGISTRY)
-flags.DEFINE_float("student_lr_init", None, "Method setting (tm). Initial value of the learnable student lr (MTT's lr_teacher).", flag_values=REGISTRY)
-flags.DEFINE_float("student_lr_lr", None, "Method setting (tm). SGD lr of the learnable student lr (MTT's lr_lr).", flag_values=REGISTRY)
-# Parameterisation settings: default None = the parameterisation's own (its Config in
-# esp_tf/synthetic.py, where every default is set once); flags.txt records the values used.
-flags.DEFINE_float("pixels_lr", None, "Param setting (pixels). Learning rate of synthetic pixels; default: the method's own "
-                   "(Method.default_lr_pixels, with its optimizer: Adam for esp, SGD with momentum 0.5 for dm and tm).", flag_values=REGISTRY)
-flags.DEFINE_float("codes_lr", None, "Param setting (latents). Adam lr of latent codes (paper 4.2: 0.1).", flag_values=REGISTRY)
-flags.DEFINE_float("decoders_lr", None, "Param setting (latents). Adam lr of the shared decoders (paper 4.2: 0.01).", flag_values=REGISTRY)
-flags.DEFINE_integer("num_decoders", None, "Param setting (latents). Shared decoders; images per class = codes x decoders.", flag_values=REGISTRY)
-flags.DEFINE_integer("latent_downsample", None, "Param setting (latents). Latent codes are image size / this.", flag_values=REGISTRY)
-flags.DEFINE_integer("latent_channels", None, "Param setting (latents). Channels of a latent code; unset: the image's "
-                     "(the first image-channels carry the real-image init).", flag_values=REGISTRY)
-flags.DEFINE_enum("decoder", None, choices.DECODERS, "Param setting (latents). Decoder architecture "
-                  "(esp_tf/synthetic.py): residual (conv3x3 on the code, bilinear upsampling, "
-                  "conv3x3) or transposed (a learned upsampling by a transposed convolution, as KFS), "
-                  "each beside an identity-initialised linear skip.", flag_values=REGISTRY)
-flags.DEFINE_integer("decoder_hidden", None, "Param setting (latents). Channels inside each decoder; the "
-                     "decoders' floats count against the budget.", flag_values=REGISTRY)
-flags.DEFINE_float("decoder_init", None, "Param setting (latents). Scale of each decoder's residual branch at init, in "
-                   "normalised pixel units: how differently the decoders start.", flag_values=REGISTRY)
-flags.DEFINE_enum("lr_schedule", "linear", choices.LR_SCHEDULES, "Synthetic lr schedule (paper: linear decay).", flag_values=REGISTRY)
-flags.DEFINE_bool("dsa", True, "Differentiable Siamese augmentation during condensation.", flag_values=REGISTRY)
-flags.DEFINE_bool("clip_pixels", True, "Clip synthetic renders to the real pixel range 0..255 (valid "
-                  "images for uint8 export and BatchNorm networks); --noclip_pixels: unbounded.", flag_values=REGISTRY)
-flags.DEFINE_enum("range_map", "clip", choices.RANGE_MAPS, "How --clip_pixels keeps renders inside the "
-                  "pixel range: clip (a value at a bound gets no gradient), or tanh (a smooth map into "
-                  "the range; every value keeps its gradient).", flag_values=REGISTRY)
-flags.DEFINE_bool("jit_compile", False, "XLA-compile the ESP step (recommended on GPU).", flag_values=REGISTRY)
-# -- scaling out (README "Scaling out"; scheduling only: a rerun may change them) ---------------
-flags.DEFINE_integer("worker_index", None, "This worker's index among --num_workers expert-generation "
-                     "workers (trains experts k with k %% num_workers == worker_index into the shared "
-                     "--experts_dir); default: from TF_CONFIG, else the only worker.", flag_values=REGISTRY)
-flags.DEFINE_integer("num_workers", None, "Expert-generation workers filling one --experts_dir "
-                     "(with --worker_index); default: the chief + worker tasks of TF_CONFIG, else 1.", flag_values=REGISTRY)
-flags.DEFINE_enum("strategy", "none", cluster.STRATEGIES, "tf.distribute strategy "
-                  "of the condensation: none (one device), mirrored (every local GPU, data-parallel), "
-                  "multi_worker (MultiWorkerMirroredStrategy across the TF_CONFIG cluster).", flag_values=REGISTRY)
-flags.DEFINE_integer("ckpt_every", 50, "Checkpoint the synthetic set every this many iterations.", flag_values=REGISTRY)
-flags.DEFINE_integer("log_every", 10, "Log metrics every this many iterations.", flag_values=REGISTRY)
-
-# -- evaluation (standard protocol; --eval_epochs/_runs/_batch/_lr/_dsa are in shared_flags) ---
-flags.DEFINE_string("eval_arch", None, "Architecture trained on the condensed set (models.ARCHS); "
-                    "default: the condensation network (--model/--depth), as the field evaluates "
-                    "ConvNet-3 sets on ConvNet-3 and Tiny ImageNet's ConvNet-4 sets on ConvNet-4.", flag_values=REGISTRY)
-flags.DEFINE_list("baselines", ["random"], "Real-subset baselines evaluated beside the condensed set: "
-                  "random, herding (on expert 0's final embeddings).", flag_values=REGISTRY)
-
-flags.DEFINE_bool("restart", False, "Start over in --workdir: its results are moved aside into "
-                  "<workdir>/previous-<time>/ (nothing is deleted; experts are kept).", flag_values=REGISTRY)
-
-# -- export ------------------------------------------------------------------------------
-flags.DEFINE_string("export_name", None, "TFDS name of the exported set (default esp_<dataset>_ipc<k>).", flag_values=REGISTRY)
+# Every flag is generated from its setting in esp_tf/config.py (its one default, help and type;
+# the method's and parameterisation's settings default to None there, i.e. their Config's).
+for _spec, _default in config.flag_specs():
+    if _spec.name not in config.SHARED:            # those: shared_flags, installed above
+        shared_flags.define(_spec, _default, REGISTRY)
 
 
 # =====================================================================================
@@ -168,7 +46,7 @@ def install(flag_values=flags.FLAGS) -> None:
     before parsing. Twice is once."""
     shared_flags.install(__name__, flag_values, REGISTRY)
 # Run options that are not settings of the result (not recorded in flags.txt).
-_NOT_RECORDED = ("restart", "verbose")
+_NOT_RECORDED = config.names_with(config.NOT_RECORDED)
 Settings = dataclasses.make_dataclass(
     "Settings", [(name, typing.Any) for name in NAMES], frozen=True,
     namespace={"__doc__": "Every setting of an esp_tf run, one field per flag of `python -m "
@@ -193,9 +71,61 @@ def settings(**overrides) -> Settings:
     return resolve(Settings(**_expand({**values, **overrides})))
 
 
+def parse(args: list) -> Settings:
+    """Settings from command-line arguments of esp_tf.train (`--flag=value`, `--flagfile=...`),
+    parsed in a flag registry of their own (generated from esp_tf/config.py like REGISTRY), so a
+    tool can read several command lines in one process without touching absl's global flags.
+    Raises UserError for an unknown or unparsable flag."""
+    from esp_tf import workdir as wd
+    registry = flags.FlagValues()
+    for spec, default in config.flag_specs():
+        shared_flags.define(spec, default, registry)
+    for old, new in RENAMED_TRAIN_FLAGS.items():
+        flags.DEFINE_alias(old, new, flag_values=registry)
+    try:
+        registry(["esp_tf.train", *args], known_only=False)
+    except flags.Error as e:
+        raise wd.UserError(f"{e}. `python -m esp_tf.train --helpfull` lists every flag") from e
+    return resolve(Settings(**_expand({name: registry[name].value for name in NAMES})))
+
+
 def from_flags() -> Settings:
     """The parsed command line as Settings (method settings resolved)."""
     return resolve(Settings(**_expand({name: FLAGS[name].value for name in NAMES})))
+
+
+def run_config(s: Settings) -> config.RunConfig:
+    """The nested, typed configuration (config.RunConfig) of flat Settings `s` (resolved)."""
+    s = resolve(s)
+    groups = {group: cls(**{f.name: _typed(getattr(s, f.name), f) for f in dataclasses.fields(cls)})
+              for group, cls in config.GROUPS.items()}
+    top = {name: _typed(getattr(s, name), config.RunConfig.__dataclass_fields__[name]) for name in config.TOP}
+    return config.RunConfig(**top, **groups, method=method_config(s), param=param_config(s))
+
+
+def _typed(value, field):
+    return tuple(value) if field.metadata.get("flag") == "list" and value is not None else value
+
+
+def settings_from(c: config.RunConfig) -> Settings:
+    """Flat Settings (one field per flag) of a RunConfig: its groups' fields, its method's Config
+    (None: the method's defaults) and its parameterisation's Config, as their flags."""
+    from esp_tf import methods, synthetic, workdir as wd
+    values = {name: getattr(c, name) for name in config.TOP}
+    for group in config.GROUPS:
+        values.update(dataclasses.asdict(getattr(c, group)))
+    method, param = methods.get(c.condense.method), synthetic.parameterisation(c.condense.param)
+    for given, owner, fields in ((c.method, method, method.flag_fields),
+                                 (c.param, param, {n: n for n in synthetic.setting_names(param)})):
+        if given is not None and not isinstance(given, owner.Config):
+            raise wd.UserError(f"RunConfig: {type(given).__name__} is not the Config of "
+                               f"{owner.__name__} ({owner.Config.__name__})")
+        given = given if given is not None else owner.Config()
+        for flag, field in fields.items():
+            values[flag] = _TO_FLAG.get(flag, lambda v: v)(getattr(given, field))
+    values = {k: list(v) if isinstance(v, tuple) and FLAGS[k].flag_type().startswith("comma") else v
+              for k, v in values.items()}
+    return settings(**values)
 
 
 def method_config(s: Settings, name: str | None = None):

@@ -19,37 +19,24 @@ import time
 
 import numpy as np
 
-from esp_tf import cli, cluster, fs, workdir as wd
+from esp_tf import cli, cluster, config as config_lib, fs, workdir as wd
 
 
 # =====================================================================================
 # Set-up: flags, workdir, data, model
 # =====================================================================================
-# Flags that may change between runs sharing a workdir without invalidating its results: scheduling,
-# paths (a workdir is identified by its content, not by how a path is spelled; the expert store
-# checks its own metadata and recipe), and per-architecture / per-name evaluation and export
-# choices (eval.json holds one cell per method and architecture; exports are named), and how the
-# exact gradient is split into pieces (syn_chunk: the same gradient up to float rounding).
-_RERUN_SAFE = {"phases", "log_every", "ckpt_every", "restart", "jit_compile", "syn_chunk", "accept_weak_experts",
-               "real_data", "real_cache_dir",          # the same arrays, in memory or memory-mapped
-               "data_dir", "experts_dir",
-               "workdir", "download", "verbose", "eval_arch", "baselines", "export_name",
-               "worker_index", "num_workers", "strategy"}
+# What each flag is to a run's identity is marked on its setting in esp_tf/config.py (RUN,
+# EXPERTS, RERUN_SAFE, EVALUATION, NOT_RECORDED); a method's and a parameterisation's settings
+# belong to them (Method.flag_fields, the fields of the parameterisation's Config).
 # A flag missing from an older flags.txt is compared as its default: a new flag's default keeps
-# what runs did before it. The exceptions, flags whose default is not what runs before them did:
-# (dm_reduction: those runs summed L_DM, so they resume only with --dm_reduction=sum, and the
-# refusal names it.)
-_ADDED_FLAGS = {"dm_reduction": "sum"}
-# What a run computes depends on these whatever its method and parameterisation (the data, the
-# network, the set's size and init, the update schedule, seeds).
-_IDENTITY = {"dataset", "image_size", "val_per_class", "zca", "model", "width", "depth", "seed",
-             "method", "param", "ipc", "init", "iterations", "lr_schedule", "dsa", "clip_pixels", "range_map"}
-# The expert recipe and the segments drawn from it: part of a run only when it reads experts (its
-# method does, or the herding baseline).
-_EXPERT_FLAGS = {"num_experts", "expert_epochs", "expert_lr", "expert_batch", "expert_dsa",
-                 "segment_length", "max_start_epoch"}
+# what runs did before it. The exceptions (FlagSpec.before_added): dm_reduction, whose runs
+# before it summed L_DM, so they resume only with --dm_reduction=sum (the refusal names it).
+_ADDED_FLAGS = config_lib.added_defaults()
+_RERUN_SAFE = set(config_lib.names_with(config_lib.RERUN_SAFE))
+_IDENTITY = set(config_lib.names_with(config_lib.RUN))
+_EXPERT_FLAGS = set(config_lib.names_with(config_lib.EXPERTS))
 # Evaluation settings: changing them keeps the condensation, and moves aside the outputs they made.
-_EVAL_FLAGS = ("eval_epochs", "eval_runs", "eval_batch", "eval_lr", "eval_dsa")
+_EVAL_FLAGS = config_lib.names_with(config_lib.EVALUATION)
 _EVAL_OUTPUTS = ("eval.json", os.path.join("saved_model", "classifier"), "tfds")
 _OUTPUTS = ("ckpt", "synthetic.npz", "eval.json", "metrics.jsonl", "grid.png", "curves.png", "tfds",
             "saved_model", "tensorboard", "budget.json")
@@ -78,7 +65,8 @@ def _owned_flags() -> dict:
             owners.setdefault(flag, set()).add(group)
     missing = sorted(set(cli.NAMES) - set(owners))
     if missing:
-        raise KeyError(f"flags of no identity class: {', '.join(missing)} (pipeline._IDENTITY and friends)")
+        raise KeyError(f"flags of no identity class: {', '.join(missing)} (no registered method or "
+                       "parameterisation reads them; esp_tf/config.py METHOD_FLAGS, PARAM_FLAGS)")
     return owners
 
 
@@ -421,11 +409,14 @@ def phase_export(s, real, images, labels, synthetic, results):
 # =====================================================================================
 # The pipeline
 # =====================================================================================
-def run(settings: cli.Settings, workdir: str) -> dict:
-    """Runs settings.phases in `workdir` (resuming what a previous run there finished) and
-    returns the evaluation results ({method: {arch: summary}}, those of eval.json; empty
-    without the evaluate phase). Raises workdir.UserError for anything the user must fix,
-    among them another run holding the workdir (`workdir.WorkdirLock`, taken first)."""
+def run(settings, workdir: str) -> dict:
+    """Runs the phases of `settings` (a config.RunConfig, or the flat cli.Settings) in
+    `workdir` (resuming what a previous run there finished) and returns the evaluation results
+    ({method: {arch: summary}}, those of eval.json; empty without the evaluate phase). Raises
+    workdir.UserError for anything the user must fix, among them another run holding the
+    workdir (`workdir.WorkdirLock`, taken first)."""
+    if isinstance(settings, config_lib.RunConfig):
+        settings = cli.settings_from(settings)
     s = dataclasses.replace(settings, workdir=os.path.expanduser(workdir) if workdir else workdir)
     if not s.workdir:
         raise wd.UserError("invalid flags: --workdir is required")

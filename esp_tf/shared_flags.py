@@ -10,26 +10,29 @@ import math
 
 from absl import flags
 
+from esp_tf import config
+
 REGISTRY = flags.FlagValues()
 
-flags.DEFINE_string("data_dir", None, "TFDS data_dir holding prepared datasets (default: TFDS's own; "
-                    "esp_tf.evaluate: the condensed set's workdir's, else TFDS's own).", flag_values=REGISTRY)
-flags.DEFINE_integer("seed", 0, "Run seed; every random draw derives from it. Evaluation run i "
-                     "trains from seed + i.", flag_values=REGISTRY)
-flags.DEFINE_bool("verbose", False, "On an error, show the Python traceback too.", flag_values=REGISTRY)
 
-# -- evaluation: train fresh networks on the condensed set (standard protocol) ---------------
-flags.DEFINE_integer("eval_epochs", 1000, "Training epochs per evaluation run (lr x0.1 at half), as both "
-                     "protocols. esp_tf.evaluate --full: 50 unless given (MTT's expert length; the "
-                     "paper gives no full-data recipe).", flag_values=REGISTRY)
-flags.DEFINE_integer("eval_runs", 5, "Evaluation runs (seeds) per architecture; mean +- std reported "
-                     "(the field reports 5).", flag_values=REGISTRY)
-flags.DEFINE_integer("eval_batch", 256, "Evaluation batch size (esp_tf.evaluate --protocol=idc: IDC's "
-                     "64 unless given).", flag_values=REGISTRY)
-flags.DEFINE_float("eval_lr", 0.01, "Evaluation SGD learning rate (momentum 0.9, wd 5e-4; both "
-                   "protocols' 0.01).", flag_values=REGISTRY)
-flags.DEFINE_bool("eval_dsa", True, "DSA during evaluation training (off loses several points).", flag_values=REGISTRY)
 
+def define(spec, default, flag_values) -> None:
+    """Defines the flag of `spec` (a config.FlagSpec) with `default` in `flag_values`."""
+    kw = dict(flag_values=flag_values)
+    if spec.flag == "enum":
+        flags.DEFINE_enum(spec.name, default, list(spec.choices), spec.help, **kw)
+    elif spec.flag == "list":
+        flags.DEFINE_list(spec.name, None if default is None else list(default), spec.help, **kw)
+    else:
+        define_fn = {"str": flags.DEFINE_string, "int": flags.DEFINE_integer, "float": flags.DEFINE_float,
+                     "bool": flags.DEFINE_bool}[spec.flag]
+        define_fn(spec.name, default, spec.help, **kw)
+
+
+# The shared settings' flags, generated from their fields in esp_tf/config.py (one default each).
+for _spec, _default in config.flag_specs():
+    if _spec.name in config.SHARED:
+        define(_spec, _default, REGISTRY)
 
 NAMES = tuple(REGISTRY)
 

@@ -28,11 +28,11 @@ import time
 import numpy as np
 from absl import logging
 
-from esp_tf import data as data_lib
+from esp_tf import choices, data as data_lib
 
 CHUNK = data_lib.STATS_CHUNK   # images per read: the in-memory statistics' chunk, so they are equal
 FORMAT = 1
-MODES = ("auto", "memory", "stream")
+MODES = choices.REAL_DATA
 
 
 class StreamError(ValueError):

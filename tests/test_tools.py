@@ -144,3 +144,27 @@ def test_speed_bench_costs_every_paper_config_from_a_runs_rates(tmp_path, capsys
     assert c10["images"] == 120                                     # 3 codes x 4 decoders x 10 classes
     # 5,000 iterations x 50 updates at 100 GFLOP/s
     assert rows["cifar10"].split(" | ")[7] == f"{c10['condense'] / 1e11 / 3600:,.0f}"
+
+
+def test_compare_runs_its_variants_in_process_and_tabulates_them(tmp_path):
+    """tools/compare.py parses each variant's command line on its own (cli.parse) and runs the
+    pipeline in its own process; a second call resumes the finished variants."""
+    from conftest import run_python
+    base = tmp_path / "base.flags"
+    base.write_text("\n".join(["--method=dm", "--pixels_lr=1.0", "--iterations=2", "--real_per_class=4",
+                               "--eval_epochs=2", "--eval_runs=1", "--width=8", "--depth=2", "--baselines=random",
+                               "--log_every=1", "--ckpt_every=1", "--nodownload",
+                               f"--data_dir={tmp_path / 'tfds'}"]) + "\n")
+    args = ["tools/compare.py", f"--flagfile_base={base}", f"--out={tmp_path / 'out'}",
+            "--variant=dm2:--ipc=1", "--variant=dm2_ipc2:--ipc=2"]
+    out = run_python(args, check=True)
+    table = out.stdout[out.stdout.index("| variant |"):]
+    assert "| dm2 | dm | convnet3 |" in table and "| dm2_ipc2 | dm | convnet3 |" in table
+    assert "| random | random | convnet3 |" in table                  # baselines of the first variant only
+    for name in ("dm2", "dm2_ipc2"):
+        assert (tmp_path / "out" / name / "eval.json").exists()
+    again = run_python(args, check=True)
+    assert again.stdout.count("same settings: resuming") == 2
+    bad = run_python(["tools/compare.py", f"--flagfile_base={base}", f"--out={tmp_path / 'out'}",
+                      "--variant=x:--no_such_flag=1"])
+    assert bad.returncode != 0 and "variant x:" in bad.stderr and "no_such_flag" in bad.stderr

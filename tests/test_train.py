@@ -207,6 +207,11 @@ def test_a_workdir_written_by_an_older_release_resumes(tmp_path):
         pipeline.run(settings, str(work))
     assert "same settings: resuming" in printed.getvalue()
     assert (work / "synthetic.npz").read_bytes() == before
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):                  # the same run, as a typed RunConfig
+        pipeline.run(cli.run_config(settings), str(work))
+    assert "same settings: resuming" in printed.getvalue()
+    assert (work / "synthetic.npz").read_bytes() == before
     with pytest.raises(wd.UserError, match="real_per_class"):
         pipeline.run(dataclasses.replace(settings, real_per_class=8), str(work))
 

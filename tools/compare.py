@@ -4,9 +4,10 @@ r"""Runs several condensation variants on one flagfile (sharing its experts) and
         --variants=esp,esp_beta0.25,proj_only,dm_only,dm,tm
 
 Variants are names from VARIANTS or ad-hoc `--variant=name:<flags>` (repeatable), e.g.
-`--variant="dm300:--method=dm --iterations=300"`. Each variant is
-`python -m esp_tf.train --flagfile=<base> --workdir=<out>/<variant> <overrides>`, run one after
-another; finished variants are not rerun (the CLI resumes). The last output is a Markdown
+`--variant="dm300:--method=dm --iterations=300"`. Each variant is the run of
+`python -m esp_tf.train --flagfile=<base> --workdir=<out>/<variant> <overrides>`, run in this
+process (`cli.parse`, `pipeline.run`) one after another; finished variants are not rerun (the
+pipeline resumes). The last output is a Markdown
 table: variant, method, validation and test accuracy mean +- std over the evaluation seeds
 (validation where the flagfile holds out --val_per_class; choose on it, never on test), and
 the baselines of the first variant (random, herding).
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 from absl import app, flags
@@ -60,15 +60,17 @@ def main(argv):
         sys.exit("nothing to run: give --variants and/or --variant")
     if len({name for name, _ in todo}) != len(todo):
         sys.exit("variant names must be unique (each gets its own workdir)")
+    from esp_tf import cli, pipeline, workdir as wd
     rows = []
     for i, (name, overrides) in enumerate(todo):
         work = os.path.join(FLAGS.out, name)
         baselines = [] if i == 0 else ["--baselines="]
-        cmd = [sys.executable, "-m", "esp_tf.train", f"--flagfile={FLAGS.flagfile_base}",
-               f"--workdir={work}"] + overrides + baselines + list(FLAGS.extra)
-        print("$ " + " ".join(cmd[1:]), flush=True)
-        if subprocess.run(cmd).returncode != 0:
-            sys.exit(f"variant {name} failed")
+        args = [f"--flagfile={FLAGS.flagfile_base}", f"--workdir={work}"] + overrides + baselines + list(FLAGS.extra)
+        print("$ python -m esp_tf.train " + " ".join(args), flush=True)
+        try:
+            pipeline.run(cli.parse(args), work)
+        except wd.UserError as e:
+            sys.exit(f"variant {name}: {e}")
         with open(os.path.join(work, "eval.json")) as f:
             rows += table_rows(name, json.load(f))
     print("\n" + HEADER)
