@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from esp_tf import data as data_lib, fs, methods, synthetic as synthetic_lib, workdir as wd
+from esp_tf import config, data as data_lib, fs, methods, synthetic as synthetic_lib, workdir as wd
 from esp_tf.methods.base import Context
 from esp_tf.models import FlatModel
 
@@ -33,20 +33,21 @@ class CondenseSettings:
     workdir: str
     method: str = "esp"              # a name in esp_tf.methods (esp, or the baselines dm, tm)
     method_config: object = None     # that method's Config; None: its defaults
-    ipc: int = 1
-    init: str = "real"
-    iterations: int = 1000
-    segment_length: int = 2
-    max_start_epoch: int = 20        # segments start at epoch t ~ U{0..max_start_epoch-1} (MTT)
+    # defaults: the settings' own, in esp_tf/config.py (one default per setting)
+    ipc: int = config.CondenseConfig.ipc
+    init: str = config.CondenseConfig.init
+    iterations: int = config.CondenseConfig.iterations
+    segment_length: int = config.ExpertsConfig.segment_length
+    max_start_epoch: int = config.ExpertsConfig.max_start_epoch   # segments start at t ~ U{0..this-1} (MTT)
     param: str = "pixels"            # a name in synthetic.PARAMETERISATIONS (pixels, latents)
     param_config: object = None      # that parameterisation's Config (synthetic.py); None: its defaults
-    lr_schedule: str = "linear"      # linear decay to 0 over all updates (paper 4.2), or constant
-    clip_pixels: bool = True         # renders kept inside the real pixel range [0, 255] (synthetic.py)
-    range_map: str = "clip"          # ... by clipping, or "tanh": a smooth map that keeps every gradient
-    seed: int = 0
-    ckpt_every: int = 50
-    log_every: int = 10
-    jit_compile: bool = False
+    lr_schedule: str = config.CondenseConfig.lr_schedule   # linear decay to 0 over all updates, or constant
+    clip_pixels: bool = config.CondenseConfig.clip_pixels  # renders kept inside the real pixel range
+    range_map: str = config.CondenseConfig.range_map       # ... by clipping, or a smooth tanh map
+    seed: int = config.RunConfig.seed
+    ckpt_every: int = config.CondenseConfig.ckpt_every
+    log_every: int = config.CondenseConfig.log_every
+    jit_compile: bool = config.CondenseConfig.jit_compile
 
     def __post_init__(self):
         method = methods.get(self.method)             # raises on an unknown name

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from esp_tf import augment, models
+from esp_tf import augment, config, models
 
 _IDC_DSA = augment.DSAConfig(strategy="color_crop_flip_scale_rotate")  # IDC drops cutout with CutMix
 
@@ -35,9 +35,9 @@ _IDC_DSA = augment.DSAConfig(strategy="color_crop_flip_scale_rotate")  # IDC dro
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     arch: str = "convnet3"           # the field's student; any models.ARCHS name
-    epochs: int = 1000               # both protocols train 1000 epochs
-    batch_size: int = 256            # standard protocol; IDC's is 64
-    lr: float = 0.01                 # initial SGD learning rate of both protocols
+    epochs: int = config.EvalConfig.eval_epochs       # both protocols train 1000 epochs
+    batch_size: int = config.EvalConfig.eval_batch    # standard protocol; IDC's is 64
+    lr: float = config.EvalConfig.eval_lr             # initial SGD learning rate of both protocols
     momentum: float = 0.9            # both protocols
     weight_decay: float = 5e-4       # coupled L2 on every parameter, as torch's SGD weight_decay
     dsa: augment.DSAConfig | None = augment.DSAConfig()   # full DSA strategy; None: no DSA

@@ -14,18 +14,18 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from esp_tf import augment, data as data_lib, fs, workdir as wd
+from esp_tf import augment, config, data as data_lib, fs, workdir as wd
 from esp_tf.models import FlatModel
 from esp_tf.trajectories import TrajectoryMeta, TrajectoryStore
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpertConfig:
-    epochs: int = 50                 # snapshots per expert = epochs + 1
-    lr: float = 0.01                 # constant SGD learning rate
+    epochs: int = config.ExpertsConfig.expert_epochs    # snapshots per expert = epochs + 1
+    lr: float = config.ExpertsConfig.expert_lr          # constant SGD learning rate
     momentum: float = 0.0
     weight_decay: float = 0.0
-    batch_size: int = 256
+    batch_size: int = config.ExpertsConfig.expert_batch
     dsa: augment.DSAConfig | None = augment.DSAConfig()
 
 
