@@ -55,8 +55,8 @@ class FlagSpec:
     before_added: str = None     # what runs recorded before the flag existed, if not its default
 
 
-def flag_spec(name, flag, help=None, *, choices=None, identity=None, before_added=None, **kw):
-    return FlagSpec(name, flag, help if help is not None else kw["help"], choices, identity, before_added)
+def flag_spec(name: str, flag: str, help: str, *, choices=None, identity=None, before_added=None) -> FlagSpec:
+    return FlagSpec(name, flag, help, choices, identity, before_added)
 
 
 @dataclasses.dataclass(frozen=True)
