@@ -12,7 +12,6 @@ esp_tf.train's; the library (protocols, trainer) is esp_tf/evaluate.py.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from absl import flags

@@ -734,6 +734,6 @@ def test_10_an_interrupted_evaluation_replaces_its_own_classifier_and_a_damaged_
     assert sorted(p.name for p in (work / "saved_model").iterdir()) == ["classifier", "generator"]
     assert json.loads((work / "eval.json").read_text()).keys() == json.loads(before["eval.json"]).keys()
     (work / "eval.json").write_text('{"esp": [1, 2]}')
-    line = _refused(_train(tmp, [f"--workdir={work}", "--eval_runs=2"] + TINY), "is not a results file",
+    _refused(_train(tmp, [f"--workdir={work}", "--eval_runs=2"] + TINY), "is not a results file",
                     "move it aside")
     assert (work / "eval.json").read_text() == '{"esp": [1, 2]}'          # kept

@@ -1,11 +1,10 @@
 """Your own images: --dataset=folder:<dir> (esp_tf/folder.py), from files made here."""
-import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_python
+from conftest import run_python
 from esp_tf import data as data_lib, folder
 
 COLOURS = {"cat": (200, 40, 40), "dog": (40, 40, 200), "owl": (40, 200, 40)}

@@ -95,9 +95,8 @@ def _random_data_and_net(c: int, hw: int):
 
 def _child(n_steps: int, method: str) -> dict:
     import keras
-    import numpy as np
     import tensorflow as tf
-    from esp_tf import augment, data as data_lib, models, subspace
+    from esp_tf import augment, data as data_lib, subspace
     from esp_tf.methods import esp, tm
     from esp_tf.synthetic import LatentSynthetic, PixelSynthetic
 
@@ -157,8 +156,7 @@ def _child_store(num_experts: int, stream: bool) -> dict:
     """Peak memory of 2 ESP iterations guided by a store of `num_experts` experts."""
     import keras
     import numpy as np
-    import tensorflow as tf
-    from esp_tf import data as data_lib, models, segments
+    from esp_tf import data as data_lib, segments
     from esp_tf.methods.base import Context
     from esp_tf.methods.esp import ESP, ESPConfig
     from esp_tf.synthetic import PixelSynthetic
