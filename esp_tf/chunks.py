@@ -147,13 +147,18 @@ class ChunkedRenders:
         index, mask = units(k, per, n, start)
         x, y = syn.render_units(index)                                          # [k*r, H, W, Ch]
         weight = tf.cast(tf.repeat(mask, syn.renders_per_unit), x.dtype)        # [k*r] 1 or 0
-        x = augment_by_class(x, y, params)
+        return self._embed(theta, augment_by_class(x, y, params), y, weight, with_g)
+
+    def _embed(self, theta, x, y, weight, with_g: bool):
+        """The sums of one piece of renders x (augmented), labels y, each counted with `weight`
+        (1, or 0 for a repeat): per-class feature sums [C, D], its share of G [P] (None unless
+        with_g), CE summed / B, and correctly classified renders."""
         with tf.GradientTape(watch_accessed_variables=False) as inner:
             inner.watch(theta)
             feats, logits = self.net.features_and_logits(theta, x)
             ce = tf.reduce_sum(weight * tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)) / self.total
         g = inner.gradient(ce, theta) if with_g else None
-        sums = tf.math.unsorted_segment_sum(feats * weight[:, None], y, syn.num_classes)
+        sums = tf.math.unsorted_segment_sum(feats * weight[:, None], y, self.synthetic.num_classes)
         hits = tf.reduce_sum(weight * tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y),
                                               weight.dtype))
         return sums, g, ce, hits
@@ -234,14 +239,7 @@ class SlicedRenders(ChunkedRenders):
         index, count = replica()                                       # this replica's share
         start, end = self.total * index // count, self.total * (index + 1) // count
         x, y = x[start:end], y[start:end]
-        with tf.GradientTape(watch_accessed_variables=False) as inner:
-            inner.watch(theta)
-            feats, logits = self.net.features_and_logits(theta, x)
-            ce = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)) / self.total
-        g = inner.gradient(ce, theta) if with_g else None
-        sums = tf.math.unsorted_segment_sum(feats, y, syn.num_classes)
-        hits = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), feats.dtype))
-        return sums, g, ce, hits
+        return self._embed(theta, x, y, tf.ones([end - start], x.dtype), with_g)
 
 
 def reduced_duals(terms: dict, g, sums, per_class: int):

@@ -14,6 +14,7 @@ from absl import flags
 
 from esp_tf import choices, config  # TensorFlow-free: every setting, its default, help and type
 from esp_tf import shared_flags    # --data_dir, --seed, --verbose and the --eval_* settings
+from esp_tf.workdir import RENAMED_TRAIN_FLAGS      # light: no TensorFlow
 
 # The flags live in this registry, not absl's global one: importing the library (esp_tf.pipeline
 # imports this module) defines no flag. The command lines `install()` them before parsing.
@@ -22,22 +23,27 @@ shared_flags.install(__name__, REGISTRY)     # listed by --help and recorded in 
 FLAGS = REGISTRY
 PHASES = choices.PHASES
 
-# Every flag is generated from its setting in esp_tf/config.py (its one default, help and type;
-# the method's and parameterisation's settings default to None there, i.e. their Config's).
-for _spec, _default in config.flag_specs():
-    if _spec.name not in config.SHARED:            # those: shared_flags, installed above
-        shared_flags.define(_spec, _default, REGISTRY)
+
+def _define_flags(registry, skip=()) -> None:
+    """Every flag but those in `skip`, generated from its setting in esp_tf/config.py (its one
+    default, help and type; the method's and parameterisation's settings default to None there,
+    i.e. their Config's), then the names before esp_tf 0.2 as absl aliases (an old command or
+    flagfile still runs; the run records the new names; an alias is no setting of its own)."""
+    for spec, default in config.flag_specs():
+        if spec.name not in skip:
+            shared_flags.define(spec, default, registry)
+    for old, new in RENAMED_TRAIN_FLAGS.items():
+        flags.DEFINE_alias(old, new, flag_values=registry)
+
+
+_define_flags(REGISTRY, skip=config.SHARED)         # the shared ones: shared_flags, installed above
 
 
 # =====================================================================================
 # Settings: the flags above as one frozen value, for the library and the command line alike
 # =====================================================================================
-NAMES = tuple(REGISTRY)                       # the shared ones, then ours, in definition order
-# The names before esp_tf 0.2, as absl aliases (an old command or flagfile still runs; the run
-# records the new names). Defined after NAMES: an alias is no setting of its own.
-from esp_tf.workdir import RENAMED_TRAIN_FLAGS      # noqa: E402  (light: no TensorFlow)
-for _old, _new in RENAMED_TRAIN_FLAGS.items():
-    flags.DEFINE_alias(_old, _new, flag_values=REGISTRY)
+# the shared ones, then ours, in definition order (aliases are no settings)
+NAMES = tuple(name for name in REGISTRY if name not in RENAMED_TRAIN_FLAGS)
 
 
 def install(flag_values=flags.FLAGS) -> None:
@@ -78,10 +84,7 @@ def parse(args: list) -> Settings:
     Raises UserError for an unknown or unparsable flag."""
     from esp_tf import workdir as wd
     registry = flags.FlagValues()
-    for spec, default in config.flag_specs():
-        shared_flags.define(spec, default, registry)
-    for old, new in RENAMED_TRAIN_FLAGS.items():
-        flags.DEFINE_alias(old, new, flag_values=registry)
+    _define_flags(registry)
     try:
         registry(["esp_tf.train", *args], known_only=False)
     except flags.Error as e:

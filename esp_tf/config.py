@@ -315,14 +315,6 @@ def flag_specs() -> list:
     return out + [(spec, None) for spec in METHOD_FLAGS + PARAM_FLAGS]
 
 
-def identity_of(name: str) -> str | None:
-    """The identity class of a run-level setting (None for a method or parameterisation one)."""
-    for _, field in run_fields():
-        if field.name == name:
-            return field.metadata["identity"]
-    return None
-
-
 def names_with(identity: str) -> tuple:
     """The run-level settings of one identity class, and method/parameterisation settings marked
     with it (e.g. syn_chunk: RERUN_SAFE)."""
