@@ -199,16 +199,31 @@ def _summary(accs, prefix=""):
 
 
 def _repeat(trainer: Trainer, batches_for_seed, test, runs: int, seed: int, progress, on_epoch,
-            on_run=None, val=None) -> dict:
+            on_run=None, val=None, done=None, on_done=None) -> dict:
     """`runs` trainings of one compiled network from seeds seed..seed+runs-1; accuracies in %.
 
     With `val` (a held-out validation split, same forms as `test`), each trained network is
     scored on it too, and the result gains val_accuracies / val_mean / val_std: the numbers
-    hyper-parameters are chosen by."""
+    hyper-parameters are chosen by.
+
+    `done` {i: (test %, val % or None)}: runs finished earlier (an interrupted evaluation), taken
+    as they are: run i depends only on its seed, seed + i, since the network, its statistics and
+    its momentum are reset per run. `on_done(i, test %, val % or None)` is called after each
+    run this call trains (e.g. to save it, so that an interruption loses one run at most)."""
     if runs < 1:
         raise ValueError("runs must be >= 1")
+    done = done or {}
+    if val is not None and any(done[i][1] is None for i in done):
+        raise ValueError("a finished run without its validation accuracy cannot be reused with `val`")
     accs, val_accs = [], []
     for i in range(runs):
+        if i in done:
+            accs.append(float(done[i][0]))
+            if val is not None:
+                val_accs.append(float(done[i][1]))
+            if progress:
+                progress(i, runs, accs[-1], 0.0)
+            continue
         t0 = time.time()
         tick = (lambda e, i=i: on_epoch(i, e)) if on_epoch else None
         accs.append(100.0 * train_and_test(trainer, batches_for_seed(seed + i), test, seed + i, tick))
@@ -216,6 +231,8 @@ def _repeat(trainer: Trainer, batches_for_seed, test, runs: int, seed: int, prog
             val_accs.append(100.0 * accuracy_on(trainer, val))
         if on_run:                  # e.g. export the trained network before the next run resets it
             on_run(i, trainer.model, accs[-1])
+        if on_done:
+            on_done(i, accs[-1], val_accs[-1] if val is not None else None)
         if progress:
             progress(i, runs, accs[-1], time.time() - t0)
     return {**_summary(accs), **(_summary(val_accs, "val_") if val_accs else {})}
@@ -223,17 +240,18 @@ def _repeat(trainer: Trainer, batches_for_seed, test, runs: int, seed: int, prog
 
 def evaluate(images: np.ndarray, labels: np.ndarray, test_images, test_labels, num_classes: int,
              config: EvalConfig, runs: int = 5, seed: int = 0, progress=None, on_epoch=None,
-             on_run=None, val=None) -> dict:
+             on_run=None, val=None, done=None, on_done=None) -> dict:
     """Trains `runs` fresh networks (seeds seed..seed+runs-1) on a condensed set; returns
     accuracies, mean and std (%). `test_images` may be a tf.data.Dataset of normalised
     (x, y) batches (then `test_labels` is ignored). `progress(i, runs, acc, seconds)` is called
     after each run, `on_epoch(i, epochs_done)` after each epoch, `on_run(i, model, acc)` with
     the trained Keras model after each run. `val`: a validation split ((images, labels) or a
-    dataset of batches) scored beside the test split (see `_repeat`)."""
+    dataset of batches) scored beside the test split. `done` / `on_done`: runs finished by an
+    interrupted evaluation, and the callback that saves each new one (see `_repeat`)."""
     trainer = Trainer(config, images.shape[1:], num_classes)
     test = test_images if isinstance(test_images, tf.data.Dataset) else (test_images, test_labels)
     return _repeat(trainer, lambda s: array_epochs(images, labels, config.batch_size, s), test,
-                   runs, seed, progress, on_epoch, on_run, val=val)
+                   runs, seed, progress, on_epoch, on_run, val=val, done=done, on_done=on_done)
 
 
 def evaluate_full(real, config: EvalConfig, runs: int = 5, seed: int = 0, progress=None,

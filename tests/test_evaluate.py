@@ -149,6 +149,28 @@ def test_evaluate_reports_mean_and_std_and_accepts_a_test_dataset(sets):
     assert evaluate.evaluate(x, y, ds, None, 10, config, runs=2, seed=1) == res
 
 
+def test_an_interrupted_evaluation_resumes_at_its_first_unfinished_run_with_the_same_result(sets):
+    """Run i depends only on seed + i, so runs finished before an interruption are reused and the
+    rest train as they would have: the resumed result equals the uninterrupted one."""
+    real, x, y = sets["real"], sets["images"], sets["labels"]
+    config = evaluate.EvalConfig(arch="convnet_tiny", epochs=2, batch_size=5)
+    test_x = data.normalize(real.test_images[:300], real.mean, real.std).numpy()
+    val = (test_x[:100], real.test_labels[:100])
+    saved = {}
+    whole = evaluate.evaluate(x, y, test_x, real.test_labels[:300], 10, config, runs=3, seed=4, val=val,
+                              on_done=lambda i, acc, v: saved.__setitem__(i, (acc, v)))
+    assert sorted(saved) == [0, 1, 2]
+    trained = []
+    resumed = evaluate.evaluate(x, y, test_x, real.test_labels[:300], 10, config, runs=3, seed=4, val=val,
+                                done={0: saved[0], 1: saved[1]}, on_done=lambda i, *_: trained.append(i))
+    assert trained == [2]                    # only the unfinished run trained
+    assert resumed == whole
+    # a reused run's numbers are taken as they are: a marker shows they were not recomputed
+    marked = evaluate.evaluate(x, y, test_x, real.test_labels[:300], 10, config, runs=1, seed=4, val=val,
+                               done={0: (99.99, 12.5)})
+    assert marked["accuracies"] == [99.99] and marked["val_accuracies"] == [12.5]
+
+
 def test_full_mode_learns_from_the_whole_real_train_split(sets):
     epochs = []
     config = evaluate.EvalConfig(arch="convnet_tiny", epochs=2, dsa=None)

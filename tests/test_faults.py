@@ -727,6 +727,37 @@ def test_10_a_diverged_evaluation_run_is_a_named_error_not_a_number():
         evaluate.train_and_test(trainer, batches, (x, np.array([0, 1, 0, 1])), seed=0)
 
 
+def test_10_an_interrupted_evaluation_resumes_from_its_finished_runs_and_folds_them_into_eval_json(run_copy):
+    tmp, work, before = run_copy
+    (work / "eval.json").unlink()            # killed after run 0 of the condensed set was saved
+    marker = {"esp/convnet_tiny": {"0": {"test": 99.99, "val": None}}}     # no real run scores 99.99 here
+    (work / "eval_partial.json").write_text(json.dumps(marker))
+    out = _ok(_train(tmp, [f"--workdir={work}"] + TINY))
+    assert "resumes with 1 of 1 runs finished" in out.stdout + out.stderr
+    results = json.loads((work / "eval.json").read_text())
+    assert results["esp"]["convnet_tiny"]["accuracies"] == [99.99]       # reused, not retrained
+    assert results["random"]["convnet_tiny"]["accuracies"] == \
+        json.loads(before["eval.json"])["random"]["convnet_tiny"]["accuracies"]   # seeded subset
+    assert not (work / "eval_partial.json").exists()                     # folded into eval.json
+    # run 0 without the classifier it exported is trained again; a damaged file is named, not used
+    (work / "eval.json").unlink()
+    shutil.rmtree(work / "saved_model" / "classifier")
+    (work / "eval_partial.json").write_text(json.dumps(marker))
+    _ok(_train(tmp, [f"--workdir={work}"] + TINY))
+    assert json.loads((work / "eval.json").read_text())["esp"]["convnet_tiny"]["accuracies"] != [99.99]
+    assert (work / "saved_model" / "classifier").is_dir()
+    (work / "eval.json").unlink()
+    (work / "eval_partial.json").write_text('{"esp/convnet_tiny": {"0": ')
+    out = _ok(_train(tmp, [f"--workdir={work}"] + TINY))
+    assert "eval_partial.json is damaged" in out.stdout + out.stderr
+    assert json.loads((work / "eval.json").read_text())["esp"]["convnet_tiny"]["accuracies"] != [99.99]
+    # changed evaluation settings move the runs of the old ones aside with eval.json
+    (work / "eval_partial.json").write_text(json.dumps(marker))
+    _ok(_train(tmp, [f"--workdir={work}"] + TINY[:-1] + ["--eval_epochs=2", "--nodownload"]))
+    assert json.loads((work / "eval.json").read_text())["esp"]["convnet_tiny"]["accuracies"] != [99.99]
+    assert len(list(work.glob("previous-*/eval_partial.json"))) == 1
+
+
 def test_10_an_interrupted_evaluation_replaces_its_own_classifier_and_a_damaged_results_file_is_named(run_copy):
     tmp, work, before = run_copy
     (work / "eval.json").unlink()            # killed after the classifier export, before eval.json
