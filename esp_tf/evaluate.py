@@ -255,7 +255,7 @@ def evaluate(images: np.ndarray, labels: np.ndarray, test_images, test_labels, n
 
 
 def evaluate_full(real, config: EvalConfig, runs: int = 5, seed: int = 0, progress=None,
-                  on_epoch=None, steps_per_epoch: int | None = None) -> dict:
+                  on_epoch=None, steps_per_epoch: int | None = None, done=None, on_done=None) -> dict:
     """Like `evaluate`, trained on the whole real train split of `real` (data.RealData) through
     data.train_dataset, one seeded order per (seed, epoch): the "Full dataset" row.
 
@@ -273,7 +273,8 @@ def evaluate_full(real, config: EvalConfig, runs: int = 5, seed: int = 0, progre
         return batches
     trainer = Trainer(config, real.image_shape, real.num_classes)
     return _repeat(trainer, batches_for_seed, data_lib.test_dataset(real, config.test_batch),
-                   runs, seed, progress, on_epoch, val=data_lib.val_dataset(real, config.test_batch))
+                   runs, seed, progress, on_epoch, val=data_lib.val_dataset(real, config.test_batch),
+                   done=done, on_done=on_done)
 
 
 def __getattr__(name):

@@ -170,6 +170,28 @@ def merge_json_cell(path: str, row: str, column: str, value) -> dict:
     return obj
 
 
+def drop_json_cell(path: str, row: str, column: str) -> None:
+    """Removes obj[row][column] from the JSON file at `path` under merge_json_cell's lock; the
+    file goes when nothing is left in it. A missing file or cell is no error."""
+    import fcntl
+    if not os.path.exists(path):
+        return
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            obj = read_json(path) or {}
+            if isinstance(obj, dict) and isinstance(obj.get(row), dict):
+                obj[row].pop(column, None)
+                if not obj[row]:
+                    del obj[row]
+            if obj:
+                write_json(path, obj)
+            else:
+                os.remove(path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def read_json(path: str):
     """The parsed file, or None when it does not exist; a corrupt file is a UserError."""
     if not fs.exists(path):

@@ -240,6 +240,51 @@ def test_cli_end_to_end_merges_json_and_prints_the_table(sets, tmp_path):
     assert "outside the pixel range" not in out.stdout             # real images: no note
 
 
+_COUNTING_CLI = """
+import sys
+from esp_tf import evaluate
+real_train, calls, stop = evaluate.train_and_test, [], int(sys.argv.pop(1))   # stop: 0 = never
+def counting(*a, **k):
+    calls.append(1)
+    if len(calls) == stop:                          # this call is interrupted
+        raise KeyboardInterrupt
+    return real_train(*a, **k)
+evaluate.train_and_test = counting
+import atexit
+atexit.register(lambda: print(f"TRAINED {len(calls)}"))
+from esp_tf import evaluate_cli
+sys.argv = ["esp_tf.evaluate"] + sys.argv[1:]
+evaluate_cli.run()
+"""
+
+
+def test_cli_an_interrupted_evaluation_resumes_at_its_first_unfinished_run(sets, tmp_path):
+    output = tmp_path / "results.json"
+    args = [f"--condensed={sets['work']}", "--eval_runs=3", "--eval_epochs=2", f"--output={output}"]
+    run = lambda stop, extra=(): subprocess.run(                          # noqa: E731
+        [sys.executable, "-c", _COUNTING_CLI, str(stop)] + args + list(extra), cwd=REPO,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True, text=True, timeout=600)
+    first = run(3)                                   # Ctrl-C during the third run
+    assert first.returncode == 130, first.stderr[-2000:]
+    partial = json.loads((tmp_path / "results.json.partial.json").read_text())
+    cell = partial["esp ipc1"]["convnet3"]
+    assert sorted(cell["runs"]) == ["0", "1"]
+    assert not output.exists() or "esp ipc1" not in json.loads(output.read_text())
+    cell["runs"]["0"]["test"] = 99.99                # a marker: no real run of this set scores it
+    (tmp_path / "results.json.partial.json").write_text(json.dumps(partial))
+    second = run(0)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "TRAINED 1" in second.stdout and "resuming with 2 finished run(s)" in second.stdout
+    acc = json.loads(output.read_text())["esp ipc1"]["convnet3"]["accuracies"]
+    assert len(acc) == 3 and acc[0] == 99.99 and acc[1] == round(cell["runs"]["1"]["test"], 2)
+    assert not (tmp_path / "results.json.partial.json").exists()          # folded into --output
+    # other settings (here the epochs) never reuse those runs
+    (tmp_path / "results.json.partial.json").write_text(json.dumps(partial))
+    third = run(0, ["--eval_epochs=1", "--label=other"])
+    assert "TRAINED 3" in third.stdout
+    assert 99.99 not in json.loads(output.read_text())["other"]["convnet3"]["accuracies"]
+
+
 def test_cli_notes_a_set_whose_values_leave_the_pixel_range(sets, tmp_path):
     work = tmp_path / "unbounded"
     work.mkdir()
