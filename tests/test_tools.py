@@ -168,3 +168,32 @@ def test_compare_runs_its_variants_in_process_and_tabulates_them(tmp_path):
     bad = run_python(["tools/compare.py", f"--flagfile_base={base}", f"--out={tmp_path / 'out'}",
                       "--variant=x:--no_such_flag=1"])
     assert bad.returncode != 0 and "variant x:" in bad.stderr and "no_such_flag" in bad.stderr
+
+
+def _latent_set(path, decoder_shift, classes=3, codes=4, decoders=2):
+    """A finished latent run whose decoder k renders every code shifted by k * decoder_shift."""
+    import numpy as np
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(classes, codes, 1, 4, 4, 1))
+    images = base + decoder_shift * np.arange(decoders).reshape(1, 1, decoders, 1, 1, 1)
+    np.savez(path / "synthetic.npz", images=images.reshape(-1, 4, 4, 1).astype(np.float32),
+             labels=np.repeat(np.arange(classes), codes * decoders))
+    (path / "budget.json").write_text(json.dumps({"num_decoders": decoders, "codes_per_class": codes}))
+    return str(path)
+
+
+def test_render_spread_is_zero_for_copies_and_grows_with_what_the_decoders_change(tmp_path, capsys):
+    tool = _tool("render_spread")
+    copies = tool.spread(_latent_set(tmp_path / "copies", 0.0))
+    assert copies["decoder_spread"] == pytest.approx(0.0, abs=1e-6) and copies["code_spread"] > 0.5
+    shifted = tool.spread(_latent_set(tmp_path / "shifted", 2.0))
+    assert shifted["decoder_spread"] == pytest.approx(1.0, rel=1e-5)     # +-1 around the mean of 2 decoders
+    assert shifted["code_spread"] == pytest.approx(copies["code_spread"], rel=1e-5)
+    assert tool.main(["render_spread", str(tmp_path / "shifted")]) == 0
+    assert "| 2 | 4 | 1.000 |" in capsys.readouterr().out
+    (tmp_path / "pixels").mkdir()
+    (tmp_path / "pixels" / "budget.json").write_text("{}")
+    (tmp_path / "pixels" / "synthetic.npz").write_bytes(b"")
+    assert tool.main(["render_spread", str(tmp_path / "pixels")]) == 2
+    assert "not a latent set" in capsys.readouterr().err
