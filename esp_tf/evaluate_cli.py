@@ -118,13 +118,13 @@ def main(argv):
             if time.time() - last[0] > 15 or done == epochs:   # a line at most every 15 s
                 last[0] = time.time()
                 bar[0].update(i * epochs + done, f"run {i + 1}/{F.eval_runs} epoch {done}/{epochs}")
-        done, on_done = _resume(F.output, label, arch, dict(
+        finished, on_done = _resume(F.output, label, arch, dict(
             set=set_id, source_dataset=real.name, protocol=F.protocol, epochs=epochs,
             batch=config.batch_size, lr=config.lr, dsa=F.eval_dsa, seed=F.seed,
             steps_per_epoch=F.steps_per_epoch))
-        kwargs = dict(runs=F.eval_runs, seed=F.seed, on_epoch=on_epoch, done=done, on_done=on_done,
+        kwargs = dict(runs=F.eval_runs, seed=F.seed, on_epoch=on_epoch, done=finished, on_done=on_done,
                       progress=lambda i, n, acc, s: wd.say(
-                          f"  {arch} run {i + 1}/{n}: {acc:.2f}% " + ("(finished earlier)" if i in done else f"({s:.0f}s)")))
+                          f"  {arch} run {i + 1}/{n}: {acc:.2f}% " + ("(finished earlier)" if i in finished else f"({s:.0f}s)")))
         res = (evaluate_full(real, config, steps_per_epoch=F.steps_per_epoch, **kwargs) if F.full else
                evaluate(images, labels, test_x, None, real.num_classes, config, **kwargs))
         res.update(protocol=F.protocol, epochs=epochs, dsa=F.eval_dsa, source_dataset=real.name)
