@@ -118,10 +118,15 @@ def main(argv):
             if time.time() - last[0] > 15 or done == epochs:   # a line at most every 15 s
                 last[0] = time.time()
                 bar[0].update(i * epochs + done, f"run {i + 1}/{F.eval_runs} epoch {done}/{epochs}")
-        finished, on_done = _resume(F.output, label, arch, dict(
-            set=set_id, source_dataset=real.name, protocol=F.protocol, epochs=epochs,
-            batch=config.batch_size, lr=config.lr, dsa=F.eval_dsa, seed=F.seed,
-            steps_per_epoch=F.steps_per_epoch))
+        finished, on_done = {}, None     # with --output, a rerun resumes at the first unfinished seed
+        if F.output:
+            finished, on_done = wd.partial_runs(F.output + ".partial.json", label, arch, dict(
+                set=set_id, source_dataset=real.name, protocol=F.protocol, epochs=epochs,
+                batch=config.batch_size, lr=config.lr, dsa=F.eval_dsa, seed=F.seed,
+                steps_per_epoch=F.steps_per_epoch))
+            if finished:
+                wd.say(f"{label} {arch}: resuming with {len(finished)} finished run(s) from "
+                       f"{F.output}.partial.json")
         kwargs = dict(runs=F.eval_runs, seed=F.seed, on_epoch=on_epoch, done=finished, on_done=on_done,
                       progress=lambda i, n, acc, s: wd.say(
                           f"  {arch} run {i + 1}/{n}: {acc:.2f}% " + ("(finished earlier)" if i in finished else f"({s:.0f}s)")))
@@ -136,33 +141,6 @@ def main(argv):
             results = wd.merge_json_cell(F.output, label, arch, res)
             wd.drop_json_cell(F.output + ".partial.json", label, arch)      # folded into --output
     print(wd.results_table(results), flush=True)
-
-
-def _resume(output, label: str, arch: str, settings: dict):
-    """Runs of this cell that an interrupted evaluation with the same `settings` (the set's
-    fingerprint and the protocol) finished, {i: (test %, val % or None)}, and the callback that saves each
-    new run to `<output>.partial.json`; ({}, None) without --output. Run i depends only on seed + i,
-    so a finished run is reused as it is and an interruption costs one run at most."""
-    if not output:
-        return {}, None
-    path = output + ".partial.json"
-    try:
-        cell = ((wd.read_json(path) or {}).get(label) or {}).get(arch)
-    except (wd.UserError, AttributeError):
-        wd.say(f"warning: {path} is damaged; the runs it held are trained again")
-        cell = None
-    runs = {}
-    if isinstance(cell, dict) and cell.get("settings") == settings and isinstance(cell.get("runs"), dict):
-        runs = {k: v for k, v in cell["runs"].items() if k.isdigit() and isinstance(v, dict) and "test" in v}
-        if runs:
-            wd.say(f"{label} {arch}: resuming with {len(runs)} finished run(s) from {path}")
-    elif cell is not None:
-        wd.say(f"{label} {arch}: the runs in {path} were made with other settings; training anew")
-
-    def on_done(i, acc, val):
-        runs[str(i)] = {"test": round(acc, 4), "val": val}
-        wd.merge_json_cell(path, label, arch, {"settings": settings, "runs": runs})
-    return {int(k): (v["test"], v.get("val")) for k, v in runs.items()}, on_done
 
 
 def _late_user_errors() -> tuple:

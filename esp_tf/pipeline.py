@@ -37,7 +37,8 @@ _IDENTITY = set(config_lib.names_with(config_lib.RUN))
 _EXPERT_FLAGS = set(config_lib.names_with(config_lib.EXPERTS))
 # Evaluation settings: changing them keeps the condensation, and moves aside the outputs they made.
 _EVAL_FLAGS = config_lib.names_with(config_lib.EVALUATION)
-# eval_partial.json: the finished runs of an evaluation under way (folded into eval.json at its end).
+# eval_partial.json: the finished runs of an evaluation under way (workdir.partial_runs), folded
+# into eval.json at its end.
 _EVAL_OUTPUTS = ("eval.json", "eval_partial.json", os.path.join("saved_model", "classifier"), "tfds")
 _OUTPUTS = ("ckpt", "synthetic.npz", "eval.json", "eval_partial.json", "metrics.jsonl", "grid.png",
             "curves.png", "tfds", "saved_model", "tensorboard", "budget.json")
@@ -330,23 +331,6 @@ def _baseline_sets(s, real, net, store) -> dict:
     return sets
 
 
-def _partial_runs(path: str) -> dict:
-    """eval_partial.json: {"<method>/<arch>": {"<run>": {"test": %, "val": % or null}}}, the runs
-    an interrupted evaluation finished; {} when absent. A damaged file is named and not used (its
-    runs are trained again and it is rewritten): it holds no finished result, only progress."""
-    try:
-        obj = wd.read_json(path) or {}
-        ok = isinstance(obj, dict) and all(
-            isinstance(runs, dict) and all(k.isdigit() and isinstance(r, dict) and "test" in r
-                                           for k, r in runs.items()) for runs in obj.values())
-    except wd.UserError:
-        ok = False
-    if not ok:
-        wd.say(f"warning: {path} is damaged; the runs it held are trained again")
-        return {}
-    return obj
-
-
 def phase_evaluate(s, real, net, store, images, labels):
     import tensorflow as tf
     from esp_tf import data as data_lib, evaluate, saved_models
@@ -378,12 +362,12 @@ def phase_evaluate(s, real, net, store, images, labels):
                        f"(seed {s.seed}, test accuracy {acc:.2f}%, signature 'serve' takes uint8)")
 
         # An interrupted evaluation resumes at its first unfinished run: each finished run is in
-        # eval_partial.json (run i depends only on its seed). Run 0 is reused only beside the
+        # eval_partial.json (run i depends only on its seed; the workdir's flags guard the settings,
+        # changed evaluation flags move the file aside). Run 0 is reused only beside the
         # classifier it exported.
-        partial_path, key = _path(s, "eval_partial.json"), f"{method}/{config.arch}"
-        partial = _partial_runs(partial_path)
-        done = {int(i): (r["test"], r.get("val")) for i, r in partial.get(key, {}).items()
-                if int(i) < s.eval_runs}
+        partial_path = _path(s, "eval_partial.json")
+        done, save_run = wd.partial_runs(partial_path, method, config.arch, {})
+        done = {i: r for i, r in done.items() if i < s.eval_runs}
         if method == s.method and 0 in done and not os.path.exists(classifier):
             del done[0]
         if val is not None and any(v is None for _, v in done.values()):
@@ -392,23 +376,14 @@ def phase_evaluate(s, real, net, store, images, labels):
             wd.say(f"evaluate: {method} on {config.arch} resumes with {len(done)} of {s.eval_runs} runs "
                    f"finished ({partial_path})")
 
-        def save_run(i, acc, val_acc):
-            partial.setdefault(key, {})[str(i)] = {"test": round(acc, 4), "val": val_acc}
-            wd.write_json(partial_path, partial)
-
-        resumed = set(done)
         res = evaluate.evaluate(np.asarray(x), np.asarray(y), test_x, real.test_labels, real.num_classes,
                                 config, runs=s.eval_runs, seed=s.seed, on_run=export_first, val=val,
                                 done=done, on_done=save_run,
                                 progress=lambda i, n, acc, _: bar.update(
-                                    i + 1, f"run {i}: {acc:.2f}%" + (" (finished earlier)" if i in resumed else "")))
+                                    i + 1, f"run {i}: {acc:.2f}%" + (" (finished earlier)" if i in done else "")))
         results.setdefault(method, {})[config.arch] = res
         wd.write_json(_path(s, "eval.json"), results)
-        partial.pop(key, None)           # folded into eval.json
-        if partial:
-            wd.write_json(partial_path, partial)
-        elif os.path.exists(partial_path):
-            os.remove(partial_path)
+        wd.drop_json_cell(partial_path, method, config.arch)     # folded into eval.json
         with tf.summary.create_file_writer(_path(s, "tensorboard")).as_default(step=0):
             tf.summary.text(f"eval/{method}/{config.arch}", f"{res['mean']:.2f} +- {res['std']:.2f} %")
             for i, acc in enumerate(res["accuracies"]):

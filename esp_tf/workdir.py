@@ -192,6 +192,36 @@ def drop_json_cell(path: str, row: str, column: str) -> None:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def partial_runs(path: str, row: str, column: str, settings: dict):
+    """The runs of cell (row, column) that an interrupted evaluation under the same `settings`
+    finished, {i: (test %, val % or None)}, as the JSON file at `path` holds them
+    ({row: {column: {"settings", "runs": {"<i>": {"test", "val"}}}}}), and `save(i, test, val)`,
+    which adds a run to it under merge_json_cell's lock. Run i of an evaluation depends only on
+    seed + i, so a finished run is reused as it is and an interruption costs one run at most.
+    A damaged file is moved aside to `<path>.bad-<time>` and runs of other settings are not used,
+    each named in one line (drop_json_cell removes the cell once it is folded in)."""
+    try:
+        obj = read_json(path) or {}
+        if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
+            raise UserError("not a table")
+    except UserError:
+        bad = f"{path}.bad-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(path, bad)
+        say(f"warning: {path} is damaged (moved to {bad}); the runs it held are trained again")
+        obj = {}
+    cell = (obj.get(row) or {}).get(column)
+    runs = {}
+    if isinstance(cell, dict) and cell.get("settings") == settings and isinstance(cell.get("runs"), dict):
+        runs = {k: v for k, v in cell["runs"].items() if k.isdigit() and isinstance(v, dict) and "test" in v}
+    elif cell is not None:
+        say(f"{row} {column}: the runs in {path} were made with other settings; training anew")
+
+    def save(i, acc, val):
+        runs[str(i)] = {"test": round(acc, 4), "val": val}
+        merge_json_cell(path, row, column, {"settings": settings, "runs": runs})
+    return {int(k): (v["test"], v.get("val")) for k, v in runs.items()}, save
+
+
 def read_json(path: str):
     """The parsed file, or None when it does not exist; a corrupt file is a UserError."""
     if not fs.exists(path):

@@ -730,7 +730,7 @@ def test_10_a_diverged_evaluation_run_is_a_named_error_not_a_number():
 def test_10_an_interrupted_evaluation_resumes_from_its_finished_runs_and_folds_them_into_eval_json(run_copy):
     tmp, work, before = run_copy
     (work / "eval.json").unlink()            # killed after run 0 of the condensed set was saved
-    marker = {"esp/convnet_tiny": {"0": {"test": 99.99, "val": None}}}     # no real run scores 99.99 here
+    marker = {"esp": {"convnet_tiny": {"settings": {}, "runs": {"0": {"test": 99.99, "val": None}}}}}  # no real run scores 99.99
     (work / "eval_partial.json").write_text(json.dumps(marker))
     out = _ok(_train(tmp, [f"--workdir={work}"] + TINY))
     assert "resumes with 1 of 1 runs finished" in out.stdout + out.stderr
@@ -747,9 +747,10 @@ def test_10_an_interrupted_evaluation_resumes_from_its_finished_runs_and_folds_t
     assert json.loads((work / "eval.json").read_text())["esp"]["convnet_tiny"]["accuracies"] != [99.99]
     assert (work / "saved_model" / "classifier").is_dir()
     (work / "eval.json").unlink()
-    (work / "eval_partial.json").write_text('{"esp/convnet_tiny": {"0": ')
+    (work / "eval_partial.json").write_text('{"esp": {"convnet_tiny": {"runs": ')
     out = _ok(_train(tmp, [f"--workdir={work}"] + TINY))
     assert "eval_partial.json is damaged" in out.stdout + out.stderr
+    assert [p.read_text() for p in work.glob("eval_partial.json.bad-*")] == ['{"esp": {"convnet_tiny": {"runs": ']
     assert json.loads((work / "eval.json").read_text())["esp"]["convnet_tiny"]["accuracies"] != [99.99]
     # changed evaluation settings move the runs of the old ones aside with eval.json
     (work / "eval_partial.json").write_text(json.dumps(marker))
