@@ -383,7 +383,7 @@ def phase_evaluate(s, real, net, store, images, labels):
                                     i + 1, f"run {i}: {acc:.2f}%" + (" (finished earlier)" if i in done else "")))
         results.setdefault(method, {})[config.arch] = res
         wd.write_json(_path(s, "eval.json"), results)
-        wd.drop_json_cell(partial_path, method, config.arch)     # folded into eval.json
+        wd.drop_json_cell(partial_path, method, config.arch, sole_writer=True)   # folded into eval.json
         with tf.summary.create_file_writer(_path(s, "tensorboard")).as_default(step=0):
             tf.summary.text(f"eval/{method}/{config.arch}", f"{res['mean']:.2f} +- {res['std']:.2f} %")
             for i, acc in enumerate(res["accuracies"]):

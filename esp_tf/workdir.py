@@ -170,9 +170,11 @@ def merge_json_cell(path: str, row: str, column: str, value) -> dict:
     return obj
 
 
-def drop_json_cell(path: str, row: str, column: str) -> None:
+def drop_json_cell(path: str, row: str, column: str, sole_writer: bool = False) -> None:
     """Removes obj[row][column] from the JSON file at `path` under merge_json_cell's lock; the
-    file goes when nothing is left in it. A missing file or cell is no error."""
+    file goes when nothing is left in it, and with `sole_writer` (no other process can write it,
+    e.g. a file in a workdir that one run holds) its lock file too. A missing file or cell is no
+    error."""
     import fcntl
     if not os.path.exists(path):
         return
@@ -188,6 +190,8 @@ def drop_json_cell(path: str, row: str, column: str) -> None:
                 write_json(path, obj)
             else:
                 os.remove(path)
+                if sole_writer:
+                    os.remove(path + ".lock")
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
