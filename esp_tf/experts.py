@@ -92,7 +92,7 @@ def _load_partial(path: str, recipe: str, num_params: int, epochs: int):
             problem = f"of another shape ({snapshots.shape})"
     if problem is None:
         return list(snapshots), velocity, step
-    aside = f"{path}.bad-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside = wd.aside_name(path)
     fs.rename(path, aside)
     wd.say(f"experts: WARNING the unfinished expert {path} is {problem}; moved it to {aside} and "
            "training that expert from the start")

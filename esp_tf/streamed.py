@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 
 import numpy as np
 from absl import logging
@@ -182,7 +181,8 @@ def load(builder, keys: tuple, test_split: str, cache_dir: str, *, limits: tuple
             logging.info("streamed data: reading the cache %s", folder)
             return arrays, stats, folder
         except (ValueError, OSError, KeyError, TypeError) as e:   # never delete: move aside, rewrite
-            aside = f"{folder}.bad-{time.strftime('%Y%m%d-%H%M%S')}"
+            from esp_tf.workdir import aside_name
+            aside = aside_name(folder)
             os.replace(folder, aside)
             logging.warning("streamed-data cache %s is unusable (%s); moved to %s, writing it again",
                             folder, e, aside)

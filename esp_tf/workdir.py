@@ -196,6 +196,17 @@ def drop_json_cell(path: str, row: str, column: str, sole_writer: bool = False) 
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def aside_name(path: str) -> str:
+    """A free name `<path>.bad-<time>` (then -2, -3, ...) to move a damaged file or folder to:
+    two damaged copies moved within one second must not overwrite each other."""
+    base = f"{path}.bad-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, k = base, 1
+    while fs.exists(name):
+        k += 1
+        name = f"{base}-{k}"
+    return name
+
+
 def partial_runs(path: str, row: str, column: str, settings: dict):
     """The runs of cell (row, column) that an interrupted evaluation under the same `settings`
     finished, {i: (test %, val % or None)}, as the JSON file at `path` holds them
@@ -209,7 +220,7 @@ def partial_runs(path: str, row: str, column: str, settings: dict):
         if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
             raise UserError("not a table")
     except UserError:
-        bad = f"{path}.bad-{time.strftime('%Y%m%d-%H%M%S')}"
+        bad = aside_name(path)
         os.replace(path, bad)
         say(f"warning: {path} is damaged (moved to {bad}); the runs it held are trained again")
         obj = {}

@@ -260,14 +260,15 @@ evaluate_cli.run()
 
 def test_cli_an_interrupted_evaluation_resumes_at_its_first_unfinished_run(sets, tmp_path):
     output = tmp_path / "results.json"
-    args = [f"--condensed={sets['work']}", "--eval_runs=3", "--eval_epochs=2", f"--output={output}"]
+    args = [f"--condensed={sets['work']}", "--eval_archs=convnet_tiny", "--eval_runs=3", "--eval_epochs=2",
+            f"--output={output}"]
     run = lambda stop, extra=(): subprocess.run(                          # noqa: E731
         [sys.executable, "-c", _COUNTING_CLI, str(stop)] + args + list(extra), cwd=REPO,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True, text=True, timeout=600)
     first = run(3)                                   # Ctrl-C during the third run
     assert first.returncode == 130, first.stderr[-2000:]
     partial = json.loads((tmp_path / "results.json.partial.json").read_text())
-    cell = partial["esp ipc1"]["convnet3"]
+    cell = partial["esp ipc1"]["convnet_tiny"]
     assert sorted(cell["runs"]) == ["0", "1"]
     assert not output.exists() or "esp ipc1" not in json.loads(output.read_text())
     cell["runs"]["0"]["test"] = 99.99                # a marker: no real run of this set scores it
@@ -275,14 +276,14 @@ def test_cli_an_interrupted_evaluation_resumes_at_its_first_unfinished_run(sets,
     second = run(0)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "TRAINED 1" in second.stdout and "resuming with 2 finished run(s)" in second.stdout
-    acc = json.loads(output.read_text())["esp ipc1"]["convnet3"]["accuracies"]
+    acc = json.loads(output.read_text())["esp ipc1"]["convnet_tiny"]["accuracies"]
     assert len(acc) == 3 and acc[0] == 99.99 and acc[1] == round(cell["runs"]["1"]["test"], 2)
     assert not (tmp_path / "results.json.partial.json").exists()          # folded into --output
     # other settings (here the epochs) never reuse those runs
     (tmp_path / "results.json.partial.json").write_text(json.dumps(partial))
-    third = run(0, ["--eval_epochs=1", "--label=other"])
-    assert "TRAINED 3" in third.stdout
-    assert 99.99 not in json.loads(output.read_text())["other"]["convnet3"]["accuracies"]
+    third = run(0, ["--eval_epochs=1"])             # the same row and column, one setting changed
+    assert "TRAINED 3" in third.stdout and "made with other settings" in third.stdout, third.stdout[-2000:]
+    assert 99.99 not in json.loads(output.read_text())["esp ipc1"]["convnet_tiny"]["accuracies"]
 
 
 def test_cli_notes_a_set_whose_values_leave_the_pixel_range(sets, tmp_path):

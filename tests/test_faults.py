@@ -747,17 +747,29 @@ def test_10_an_interrupted_evaluation_resumes_from_its_finished_runs_and_folds_t
     _ok(_train(tmp, [f"--workdir={work}"] + TINY))
     assert json.loads((work / "eval.json").read_text())["esp"]["convnet_tiny"]["accuracies"] != [99.99]
     assert (work / "saved_model" / "classifier").is_dir()
-    (work / "eval.json").unlink()
-    (work / "eval_partial.json").write_text('{"esp": {"convnet_tiny": {"runs": ')
-    out = _ok(_train(tmp, [f"--workdir={work}"] + TINY))
-    assert "eval_partial.json is damaged" in out.stdout + out.stderr
-    assert [p.read_text() for p in work.glob("eval_partial.json.bad-*")] == ['{"esp": {"convnet_tiny": {"runs": ']
-    assert json.loads((work / "eval.json").read_text())["esp"]["convnet_tiny"]["accuracies"] != [99.99]
     # changed evaluation settings move the runs of the old ones aside with eval.json
     (work / "eval_partial.json").write_text(json.dumps(marker))
     _ok(_train(tmp, [f"--workdir={work}"] + TINY[:-1] + ["--eval_epochs=2", "--nodownload"]))
     assert json.loads((work / "eval.json").read_text())["esp"]["convnet_tiny"]["accuracies"] != [99.99]
     assert len(list(work.glob("previous-*/eval_partial.json"))) == 1
+
+
+def test_10_a_damaged_partial_results_file_is_moved_aside_named_and_its_runs_trained_again(tmp_path, capsys):
+    from esp_tf import workdir as wd
+    path = str(tmp_path / "eval_partial.json")
+    damaged = '{"esp": {"convnet_tiny": {"runs": '          # a writer killed mid-file
+    for text in (damaged, '["not", "a", "table"]'):
+        (tmp_path / "eval_partial.json").write_text(text)
+        done, save = wd.partial_runs(path, "esp", "convnet_tiny", {"epochs": 2})
+        assert done == {}                                # nothing of it is reused
+        assert "eval_partial.json is damaged" in capsys.readouterr().out
+        save(0, 51.25, 50.0)                             # the new runs go to a fresh file
+        assert wd.partial_runs(path, "esp", "convnet_tiny", {"epochs": 2})[0] == {0: (51.25, 50.0)}
+        assert wd.partial_runs(path, "esp", "convnet_tiny", {"epochs": 3})[0] == {}   # other settings
+        assert "made with other settings" in capsys.readouterr().out
+        (tmp_path / "eval_partial.json").unlink()
+    kept = sorted(p.read_text() for p in tmp_path.glob("eval_partial.json.bad-*"))
+    assert kept == sorted([damaged, '["not", "a", "table"]'])   # both moved aside, none overwritten
 
 
 def test_10_an_interrupted_evaluation_replaces_its_own_classifier_and_a_damaged_results_file_is_named(run_copy):
