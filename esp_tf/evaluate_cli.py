@@ -12,7 +12,6 @@ esp_tf.train's; the library (protocols, trainer) is esp_tf/evaluate.py.
 from __future__ import annotations
 
 import os
-import time
 
 from absl import flags
 
@@ -110,14 +109,7 @@ def main(argv):
     test_x = data_lib.test_dataset(real, 1000)
     for k, arch in enumerate(F.eval_archs):
         config = protocol_config(F.protocol, arch, epochs, F.eval_dsa, **overrides)
-        name, bar, last = f"{label} {arch} ({k + 1}/{len(F.eval_archs)})", [], [time.time()]
-
-        def on_epoch(i, done):
-            if not bar:    # rate (so the ETA) counted from the end of the first epoch: no tracing
-                bar.append(wd.Progress(name, F.eval_runs * epochs, done=i * epochs + done))
-            if time.time() - last[0] > 15 or done == epochs:   # a line at most every 15 s
-                last[0] = time.time()
-                bar[0].update(i * epochs + done, f"run {i + 1}/{F.eval_runs} epoch {done}/{epochs}")
+        on_epoch = wd.EpochProgress(f"{label} {arch} ({k + 1}/{len(F.eval_archs)})", F.eval_runs, epochs)
         finished, on_done = {}, None     # with --output, a rerun resumes at the first unfinished seed
         if F.output:
             finished, on_done = wd.partial_runs(F.output + ".partial.json", label, arch, dict(

@@ -379,6 +379,7 @@ def phase_evaluate(s, real, net, store, images, labels):
         res = evaluate.evaluate(np.asarray(x), np.asarray(y), test_x, real.test_labels, real.num_classes,
                                 config, runs=s.eval_runs, seed=s.seed, on_run=export_first, val=val,
                                 done=done, on_done=save_run,
+                                on_epoch=wd.EpochProgress(f"eval {method} epochs", s.eval_runs, config.epochs),
                                 progress=lambda i, n, acc, _: bar.update(
                                     i + 1, f"run {i}: {acc:.2f}%" + (" (finished earlier)" if i in done else "")))
         results.setdefault(method, {})[config.arch] = res

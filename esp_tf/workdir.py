@@ -304,6 +304,25 @@ class Progress:
             f"{rate_s} ETA {eta_s} {message}".rstrip())
 
 
+class EpochProgress:
+    """The `on_epoch(run, epochs_done)` callback of an evaluation of `runs` x `epochs`: a Progress
+    line `[name] done/total ... run r/runs epoch e/epochs` at most every `every` seconds and at
+    the end of each run. The rate (so the ETA) counts from the end of the first epoch it sees,
+    which leaves out tracing and the runs an interrupted evaluation had already finished."""
+
+    def __init__(self, name: str, runs: int, epochs: int, every: float = 15.0):
+        self.name, self.runs, self.epochs, self.every = name, runs, epochs, every
+        self.bar, self.last = None, time.time()
+
+    def __call__(self, run: int, done: int) -> None:
+        now = run * self.epochs + done
+        if self.bar is None:
+            self.bar = Progress(self.name, self.runs * self.epochs, done=now)
+        if time.time() - self.last > self.every or done == self.epochs:
+            self.last = time.time()
+            self.bar.update(now, f"run {run + 1}/{self.runs} epoch {done}/{self.epochs}")
+
+
 ARCH_ORDER = ("convnet3", "resnet10", "densenet121", "efficientnetv2s")  # the paper's column order
 
 

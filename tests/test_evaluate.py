@@ -225,6 +225,21 @@ def test_the_cli_names_the_protocols_of_the_library():
     assert evaluate_cli.PROTOCOL_NAMES == tuple(evaluate.PROTOCOLS)
 
 
+def test_epoch_progress_prints_at_most_every_interval_and_at_each_runs_end(capsys, monkeypatch):
+    from esp_tf import workdir as wd
+    clock = [100.0]
+    monkeypatch.setattr(wd.time, "time", lambda: clock[0])
+    tick = wd.EpochProgress("eval esp epochs", runs=3, epochs=4, every=15.0)
+    tick(1, 1)                               # resumed: run 0 was finished earlier
+    for run, epoch, dt in [(1, 2, 5), (1, 3, 20), (1, 4, 1), (2, 1, 1)]:
+        clock[0] += dt
+        tick(run, epoch)
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split("] ")[1].split()[0] for l in lines] == ["7/12", "8/12"]   # 15 s passed; a run's end
+    assert lines[-1].endswith("run 2/3 epoch 4/4")
+    assert "ETA" in lines[0] and "ETA ?" not in lines[0]    # rate from the first epoch seen
+
+
 def test_cli_end_to_end_merges_json_and_prints_the_table(sets, tmp_path):
     output = tmp_path / "results.json"
     output.write_text(json.dumps({"dsa ipc1": {"convnet3": {"accuracies": [1.0], "mean": 1.0, "std": 0.0}}}))

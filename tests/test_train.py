@@ -64,6 +64,8 @@ def test_cli_writes_every_workdir_artifact(finished_run):
     assert [r["iteration"] for r in rows] == [2, 4]
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert "| esp |" in out.stdout and "| random |" in out.stdout     # the accuracy table
+    # a long evaluation shows its progress within runs, not only after each (hours at 1,000 epochs)
+    assert "[eval esp epochs]" in out.stdout and "run 2/2 epoch" in out.stdout
 
 
 def test_flags_txt_is_a_replayable_flagfile_and_a_rerun_resumes_without_redoing_work(finished_run):
