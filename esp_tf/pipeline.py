@@ -101,10 +101,7 @@ def check_writable(folder: str, flag: str):
 
 def _move_aside(s, names) -> str:
     """Moves workdir entries `names` into a new <workdir>/previous-<time>/ (same layout); returns it."""
-    dest = base = _path(s, time.strftime("previous-%Y%m%d-%H%M%S"))
-    n = 1
-    while os.path.exists(dest):
-        dest, n = f"{base}-{n}", n + 1
+    dest = wd.free_name(_path(s, time.strftime("previous-%Y%m%d-%H%M%S")))
     for name in names:
         target = os.path.join(dest, name)
         os.makedirs(os.path.dirname(target), exist_ok=True)

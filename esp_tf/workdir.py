@@ -196,15 +196,18 @@ def drop_json_cell(path: str, row: str, column: str, sole_writer: bool = False) 
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def aside_name(path: str) -> str:
-    """A free name `<path>.bad-<time>` (then -2, -3, ...) to move a damaged file or folder to:
-    two damaged copies moved within one second must not overwrite each other."""
-    base = f"{path}.bad-{time.strftime('%Y%m%d-%H%M%S')}"
+def free_name(base: str) -> str:
+    """`base`, or `base-1`, `base-2`, ... the first that does not exist: a name to move something
+    to without overwriting what an earlier move in the same second put there."""
     name, k = base, 1
     while fs.exists(name):
-        k += 1
-        name = f"{base}-{k}"
+        name, k = f"{base}-{k}", k + 1
     return name
+
+
+def aside_name(path: str) -> str:
+    """A free `<path>.bad-<time>` to move a damaged file or folder to (free_name)."""
+    return free_name(f"{path}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def partial_runs(path: str, row: str, column: str, settings: dict):

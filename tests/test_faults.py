@@ -740,7 +740,7 @@ def test_10_an_interrupted_evaluation_resumes_from_its_finished_runs_and_folds_t
         json.loads(before["eval.json"])["random"]["convnet_tiny"]["accuracies"]   # seeded subset
     assert not (work / "eval_partial.json").exists()                     # folded into eval.json
     assert not (work / "eval_partial.json.lock").exists()
-    # run 0 without the classifier it exported is trained again; a damaged file is named, not used
+    # run 0 without the classifier it exported is trained again (a damaged file: the test below)
     (work / "eval.json").unlink()
     shutil.rmtree(work / "saved_model" / "classifier")
     (work / "eval_partial.json").write_text(json.dumps(marker))
