@@ -148,11 +148,17 @@ _TO_FLAG = {"losses": list, "syn_batch": lambda v: v or 0}
 
 def param_config(s: Settings, name: str | None = None):
     """The Config of parameterisation `name` (default s.param): its defaults, overridden by the
-    settings given in `s` (those not None)."""
+    settings given in `s` (those not None), then those whose default depends on the set size
+    filled for s.ipc (the Config's `for_ipc`, if it has one)."""
     from esp_tf import synthetic
     kind = synthetic.parameterisation(name or s.param)
-    return kind.Config(**{field: getattr(s, field) for field in synthetic.setting_names(kind)
-                          if getattr(s, field) is not None})
+    config = kind.Config(**{field: getattr(s, field) for field in synthetic.setting_names(kind)
+                            if getattr(s, field) is not None})
+    return _for_ipc(config, s.ipc)
+
+
+def _for_ipc(config, ipc):
+    return config.for_ipc(ipc) if hasattr(config, "for_ipc") and ipc is not None else config
 
 
 def resolve(s: Settings) -> Settings:
@@ -166,7 +172,8 @@ def resolve(s: Settings) -> Settings:
     filled = {}
     if s.param in synthetic.PARAMETERISATIONS:      # an unknown one is reported by validate()
         for name in (s.param, *[n for n in synthetic.PARAMETERISATIONS if n != s.param]):
-            config = param_config(s, name) if name == s.param else synthetic.PARAMETERISATIONS[name].Config()
+            config = (param_config(s, name) if name == s.param
+                      else _for_ipc(synthetic.PARAMETERISATIONS[name].Config(), s.ipc))
             for field in synthetic.setting_names(synthetic.PARAMETERISATIONS[name]):
                 if getattr(s, field) is None and field not in filled:
                     filled[field] = getattr(config, field)

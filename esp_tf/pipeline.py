@@ -149,9 +149,14 @@ def prepare_workdir(s):
         recorded = lambda k: old.get(k, _ADDED_FLAGS.get(k, default[k]))       # noqa: E731
         changed = {k for k in identity_flags(s) if recorded(k) != new[k]}
         if changed and any(name in _FINISHED for name in results):
+            # a default that changed since the run (the code resolution at IPC 1) lands here
+            # too: name the recorded values, so the run can be resumed as it was made
+            diff = ", ".join(f"--{k}={recorded(k)} in its flags.txt, {new[k]} now" for k in sorted(changed))
             raise wd.UserError(
-                f"{s.workdir} holds a run with other settings ({', '.join(sorted(changed))} differ "
-                f"from its flags.txt). Use another --workdir, or pass --restart ({_MOVE_ASIDE}).")
+                f"{s.workdir} holds a run with other settings ({diff}). To resume it, pass "
+                f"{' '.join(f'--{k}={recorded(k)}' for k in sorted(changed))} (or "
+                f"--flagfile={_path(s, 'flags.txt')}); else use another --workdir, or pass "
+                f"--restart ({_MOVE_ASIDE}).")
         if changed:     # a run that stopped before any result: its logs go aside, flags are replaced
             moved = f"; its logs ({', '.join(results)}) moved to {_move_aside(s, results)}" if results else ""
             wd.say(f"workdir {s.workdir} holds no results of its earlier settings ("

@@ -45,7 +45,10 @@ def test_a_run_config_round_trips_with_the_flat_settings_and_is_built_without_ab
     s = cli.settings(param="latents", num_decoders=8, method="dm", real_per_class=32, phases=["condense"],
                      dataset="cifar10", baselines=[])
     c = cli.run_config(s)
-    assert c.param == LatentsConfig(num_decoders=8) and c.method.real_per_class == 32
+    # the size-dependent default is filled in for the run's IPC (1: codes at H/4)
+    assert c.param == LatentsConfig(num_decoders=8, latent_downsample=4) and c.method.real_per_class == 32
+    assert cli.run_config(cli.settings(param="latents", ipc=10)).param.latent_downsample == 2
+    assert cli.run_config(cli.settings(param="latents", ipc=10, latent_downsample=8)).param.latent_downsample == 8
     assert c.phases == ("condense",) and c.eval.baselines == () and c.data.dataset == "cifar10"
     assert cli.settings_from(c) == s
     by_hand = config.RunConfig(data=config.DataConfig(dataset="cifar10"),
@@ -54,7 +57,7 @@ def test_a_run_config_round_trips_with_the_flat_settings_and_is_built_without_ab
     flat = cli.settings_from(by_hand)
     assert (flat.real_per_class, flat.decoder, flat.codes_lr, flat.beta) == (64, "transposed", 0.1, 1e-5)
     assert cli.run_config(flat) == dataclasses.replace(by_hand, method=DMConfig(real_per_class=64),
-                                                       param=LatentsConfig(decoder="transposed"))
+                                                       param=LatentsConfig(decoder="transposed").for_ipc(1))
     from esp_tf.methods.esp import ESPConfig
     readme = config.RunConfig(                                        # README "Library"
         experts=config.ExpertsConfig(num_experts=2, expert_epochs=3, max_start_epoch=2),

@@ -47,7 +47,7 @@ def _expected_flags(name: str) -> dict:
     rows = {r["config"]: r for r in _markdown_table(text, "## Values per config")}
     assert name in rows, f"{name}.flags has no row in {PAPER_SETTINGS.name}"
     row = rows[name]
-    per = {k: row[k] for k in ("dataset", "ipc", "segment_length", "max_start_epoch", "inner_steps",
+    per = {k: row[k] for k in ("dataset", "ipc", "latent_downsample", "segment_length", "max_start_epoch", "inner_steps",
                                "expert_epochs", "model", "depth")}
     return {**shared, **per, "workdir": f"runs/{name}",
             "experts_dir": f"runs/experts/{row['dataset']}_convnet{row['depth']}_e{row['expert_epochs']}"}
@@ -73,6 +73,9 @@ def test_paper_config_holds_exactly_the_values_of_the_settings_table(path):
         settings = cli.from_flags()
         assert cli.eval_arch(settings) == f"convnet{found['depth']}"     # evaluation follows the condensation net
         assert cli.condense_settings(settings).param == "latents"
+        # the config writes out the library's default code resolution for its IPC
+        from esp_tf.synthetic import default_downsample
+        assert int(found["latent_downsample"]) == default_downsample(int(found["ipc"]))
 
 
 def test_no_file_points_to_documents_outside_the_repository():

@@ -194,11 +194,12 @@ def test_real_init_renders_the_init_images_up_to_the_small_residual():
 
 
 def test_real_init_on_fashion_mnist_renders_each_image_closer_to_itself_than_to_others():
+    # Codes at half resolution (IPC 1's default is H/4, whose 7x7 codes are too coarse for this).
     arrays = np.load(FMNIST_MINI)
-    n = LatentSynthetic.codes_per_class_for(1, (28, 28, 1), 10)
+    n = LatentSynthetic.codes_per_class_for(1, (28, 28, 1), 10, downsample=2)
     idx = np.concatenate([np.flatnonzero(arrays["train_labels"] == c)[:n] for c in range(10)])
     real = data_lib.normalize(arrays["train_images"][idx], [0.2861], [0.3530]).numpy()
-    syn = LatentSynthetic(10, 1, (28, 28, 1), init="real", real_images=real)
+    syn = LatentSynthetic(10, 1, (28, 28, 1), init="real", real_images=real, downsample=2)
     x = syn.render()[0].numpy().reshape(10 * n, syn.num_decoders, -1)
     flat = real.reshape(10 * n, -1)
     dist = np.linalg.norm(x[:, :, None] - flat[None, None], axis=-1)   # [rendered code, D, real]
@@ -287,10 +288,14 @@ def test_make_synthetic_bounds_renders_to_the_real_pixel_range_unless_turned_off
 
 def test_latent_plan_states_the_unspent_budget():
     from esp_tf.synthetic import latent_plan
-    plan = latent_plan(1, (32, 32, 3), 10)          # CIFAR-10 IPC 1
-    assert plan["budget_per_class"] == 3072 and round(plan["params_per_class"]) == 2662
+    plan = latent_plan(1, (32, 32, 3), 10)          # CIFAR-10 IPC 1: codes at H/4 by default
+    assert plan["code_shape"] == (8, 8, 3) and plan["images_per_class"] == 56
+    assert plan["budget_per_class"] == 3072 and round(plan["params_per_class"]) == 3046
     assert plan["unused_per_class"] == plan["budget_per_class"] - plan["params_per_class"]
-    assert plan["unused_fraction"] == round(1 - 2662 / 3072, 4)
+    assert plan["unused_fraction"] == round(1 - 3046 / 3072, 4)
+    half = latent_plan(1, (32, 32, 3), 10, downsample=2)
+    assert half["code_shape"] == (16, 16, 3) and round(half["params_per_class"]) == 2662
+    assert latent_plan(10, (32, 32, 3), 10)["code_shape"] == (16, 16, 3)   # IPC 10: H/2
 
 
 @pytest.mark.parametrize("param", ["pixels", "latents"])

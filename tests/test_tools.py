@@ -141,7 +141,7 @@ def test_speed_bench_costs_every_paper_config_from_a_runs_rates(tmp_path, capsys
     rows = {line.split(" | ")[0][2:]: line for line in lines[3:]}
     assert set(rows) == set(bench.PAPER_CONFIGS)
     c10 = bench.config_flops(bench.read_flagfile(str(REPO / "configs" / "cifar10.flags")))
-    assert c10["images"] == 120                                     # 3 codes x 4 decoders x 10 classes
+    assert c10["images"] == 560                                     # 14 codes (H/4) x 4 decoders x 10 classes
     # 5,000 iterations x 50 updates at 100 GFLOP/s
     assert rows["cifar10"].split(" | ")[7] == f"{c10['condense'] / 1e11 / 3600:,.0f}"
 

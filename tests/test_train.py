@@ -83,6 +83,7 @@ def test_rerun_with_other_settings_is_refused_without_losing_results(finished_ru
     out = _run([f"--workdir={work}"] + TINY[:-1] + ["--ipc=2"], tmp, check=False)
     assert out.returncode != 0
     assert "ipc" in out.stderr and "--restart" in out.stderr
+    assert "--ipc=1 in its flags.txt, 2 now" in out.stderr and "To resume it, pass --ipc=1" in out.stderr
     assert (work / "synthetic.npz").read_bytes() == before
 
 

@@ -390,7 +390,8 @@ def config_flops(flagfile: dict) -> dict:
     if flagfile.get("param", "pixels") == "latents":
         syn = synthetic_lib.LatentSynthetic(c, ipc, shape, init="gaussian",
                                             num_decoders=int(flagfile.get("num_decoders", 4)),
-                                            downsample=int(flagfile.get("latent_downsample", 2)))
+                                            downsample=(int(flagfile["latent_downsample"])
+                                                        if "latent_downsample" in flagfile else None))
     else:
         syn = synthetic_lib.PixelSynthetic(c, ipc, shape, init="gaussian")
     images = syn.images_per_class * c
