@@ -280,7 +280,7 @@ PARAM_FLAGS = (
     flag_spec('codes_lr', 'float', 'Param setting (latents). Adam lr of latent codes (paper 4.2: 0.1).'),
     flag_spec('decoders_lr', 'float', 'Param setting (latents). Adam lr of the shared decoders (paper 4.2: 0.01).'),
     flag_spec('num_decoders', 'int', 'Param setting (latents). Shared decoders; images per class = codes x decoders.'),
-    flag_spec('latent_downsample', 'int', ('Param setting (latents). Latent codes are image size / this; unset: 4 at '
+    flag_spec('latent_downsample', 'int', before_added='2', help=('Param setting (latents). Latent codes are image size / this; unset: 4 at '
          'IPC 1, 2 above (chosen on CIFAR-10 and Fashion-MNIST, esp_tf/synthetic.py default_downsample).')),
     flag_spec('latent_channels', 'int', ("Param setting (latents). Channels of a latent code; unset: the image's (the first "
          'image-channels carry the real-image init).')),

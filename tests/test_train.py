@@ -219,6 +219,29 @@ def test_a_workdir_written_by_an_older_release_resumes(tmp_path):
         pipeline.run(dataclasses.replace(settings, real_per_class=8), str(work))
 
 
+def test_a_latent_run_made_before_the_size_dependent_default_names_the_value_that_resumes_it(tmp_path):
+    """An IPC 1 latent run made when codes were at 1/2 by default (its flags.txt may lack
+    --latent_downsample, or record 2) is refused under today's default (1/4 at IPC 1) with one
+    line naming the recorded value and the flag that resumes it; its results stay in place."""
+    from esp_tf import cli, pipeline, workdir as wd
+    work = tmp_path / "old"
+    work.mkdir()
+    old = cli.settings(param="latents", method="dm", latent_downsample=2, workdir=str(work),
+                       data_dir=str(tmp_path / "tfds"))
+    for keep in (True, False):      # recorded, or written before the flag existed
+        lines = [line for line in cli.flags_file_text(old).splitlines()
+                 if keep or not line.startswith("--latent_downsample")]
+        (work / "flags.txt").write_text("\n".join(lines) + "\n")
+        (work / "synthetic.npz").write_bytes(b"finished")
+        today = cli.settings(param="latents", method="dm", workdir=str(work), data_dir=str(tmp_path / "tfds"))
+        assert today.latent_downsample == 4
+        with pytest.raises(wd.UserError, match="--latent_downsample=2 in its flags.txt, 4 now") as e:
+            pipeline.prepare_workdir(today)
+        assert "To resume it, pass --latent_downsample=2" in str(e.value)
+        assert (work / "synthetic.npz").read_bytes() == b"finished"
+        assert pipeline.prepare_workdir(dataclasses.replace(today, latent_downsample=2)) is not None
+
+
 # ------------------------------------------------ flag names of esp_tf 0.2 and the old names' aliases
 def _parse(argv):
     from esp_tf import workdir as wd
