@@ -516,7 +516,8 @@ class LatentSynthetic(tf.Module):
 # real_images_needed, from_settings, learning_rates, variable_groups, render, budget, the
 # render_units / num_units / renders_per_unit of the whole-set gradient in pieces (chunks.py),
 # and the class attributes Config (its settings, a frozen dataclass whose fields are flags of
-# the same name) and tiny_settings. A new one is its class plus one entry here
+# the same name; optionally a `for_ipc(ipc)` method returning the config with the defaults that
+# depend on the set size filled in, which cli.resolve calls) and tiny_settings. A new one is its class plus one entry here
 # (`PARAMETERISATIONS[name] = cls` from outside the package).
 PARAMETERISATIONS = {"pixels": PixelSynthetic, "latents": LatentSynthetic}
 
