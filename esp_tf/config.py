@@ -256,8 +256,10 @@ METHOD_FLAGS = (
          'both.')),
     flag_spec('dm_reduction', 'enum', before_added='sum', help=("Method setting (esp). How ESP's L_DM reduces the squared distances of class-mean "
          "embeddings: sum over classes and features (DM's code), class_mean (eq. 8 as "
-         'written), element_mean (MSE; chosen on a validation split, see BENCHMARKS.md). Sets '
-         "what --beta means; metrics.jsonl logs the resulting pull ratio ('pull')."), choices=choices.DM_REDUCTIONS),
+         'written), element_mean (MSE). Default sum, chosen on the validation splits of CIFAR-10 '
+         'and Fashion-MNIST (BENCHMARKS.md); at beta 1e-5 it leaves the projection term nearly '
+         "inert (pull ~1e-4), element_mean makes it pull about as hard as L_DM. Sets what --beta "
+         "means; metrics.jsonl logs the resulting pull ratio ('pull')."), choices=choices.DM_REDUCTIONS),
     flag_spec('real_per_class', 'int', ('Method setting (esp, dm). Real images per class in each DM term, drawn afresh every '
          'update; 0: every real training image of the class (the class mean needs no gradient: '
          'forward passes only, in chunks; on CIFAR-10 that is 4,500-5,000 forwards per class '
