@@ -242,6 +242,30 @@ def test_a_latent_run_made_before_the_size_dependent_default_names_the_value_tha
         assert pipeline.prepare_workdir(dataclasses.replace(today, latent_downsample=2)) is not None
 
 
+def test_an_esp_run_made_under_the_element_mean_default_names_the_reduction_that_resumes_it(tmp_path):
+    """ESP runs made while L_DM's element mean was the default recorded it in flags.txt; under
+    today's default (DM's sum) such a finished run is refused with the flag that resumes it, and
+    one written before the flag existed (it summed) resumes as it is."""
+    from esp_tf import cli, pipeline, workdir as wd
+    work = tmp_path / "old"
+    work.mkdir()
+    old = cli.settings(method="esp", dm_reduction="element_mean", workdir=str(work), data_dir=str(tmp_path / "tfds"))
+    (work / "flags.txt").write_text(cli.flags_file_text(old))
+    (work / "synthetic.npz").write_bytes(b"finished")
+    today = cli.settings(method="esp", workdir=str(work), data_dir=str(tmp_path / "tfds"))
+    assert today.dm_reduction == "sum"
+    with pytest.raises(wd.UserError, match="--dm_reduction=element_mean in its flags.txt, sum now") as e:
+        pipeline.prepare_workdir(today)
+    assert "To resume it, pass --dm_reduction=element_mean" in str(e.value)
+    assert (work / "synthetic.npz").read_bytes() == b"finished"
+    assert pipeline.prepare_workdir(dataclasses.replace(today, dm_reduction="element_mean")) is not None
+    lines = [line for line in cli.flags_file_text(old).splitlines() if not line.startswith("--dm_reduction")]
+    (work / "flags.txt").write_text("\n".join(lines) + "\n")
+    assert pipeline.prepare_workdir(today) is not None
+    with pytest.raises(wd.UserError, match="--dm_reduction=sum in its flags.txt, element_mean now"):
+        pipeline.prepare_workdir(dataclasses.replace(today, dm_reduction="element_mean"))
+
+
 # ------------------------------------------------ flag names of esp_tf 0.2 and the old names' aliases
 def _parse(argv):
     from esp_tf import workdir as wd
