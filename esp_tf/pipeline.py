@@ -29,8 +29,9 @@ from esp_tf import cli, cluster, config as config_lib, fs, workdir as wd
 # EXPERTS, RERUN_SAFE, EVALUATION, NOT_RECORDED); a method's and a parameterisation's settings
 # belong to them (Method.flag_fields, the fields of the parameterisation's Config).
 # A flag missing from an older flags.txt is compared as its default: a new flag's default keeps
-# what runs did before it. The exceptions (FlagSpec.before_added): dm_reduction, whose runs
-# before it summed L_DM, so they resume only with --dm_reduction=sum (the refusal names it).
+# what runs did before it. The exceptions (FlagSpec.before_added) record what runs did before
+# the flag existed: dm_reduction (they summed L_DM, today's default again) and
+# latent_downsample (codes at 1/2); a run that differs is refused with the flag that resumes it.
 _ADDED_FLAGS = config_lib.added_defaults()
 _RERUN_SAFE = set(config_lib.names_with(config_lib.RERUN_SAFE))
 _IDENTITY = set(config_lib.names_with(config_lib.RUN))

@@ -73,15 +73,14 @@ class ESPConfig:
     #                                  memory grows with it, not with the set; None: 256 at 32x32,
     #                                  scaled by the image area; 0: the whole set in one piece
     dm_reduction: str = "sum"        # see matching.DM_REDUCTIONS. DM's own convention, chosen on
-    #                                  the validation splits of CIFAR-10 and Fashion-MNIST at IPC 1
-    #                                  (3 seeds each; Fashion-MNIST IPC 10 agreed): the summed L_DM scored higher than the element
-    #                                  mean on both (CIFAR-10 codes 1/4, the IPC 1 default design:
-    #                                  48.97 against 47.03; Fashion-MNIST codes 1/2: 80.49 against
-    #                                  78.69), as on a dataset kept out of the
-    #                                  repository (93.3 against 89.50). At beta 1e-5 the sum leaves
-    #                                  the projection term pulling with ~1e-4 of L_DM's force (the
-    #                                  logged 'pull'); the element mean makes it ~1, which gained
-    #                                  1.6 points only at CIFAR-10 codes 1/2 (BENCHMARKS.md).
+    #                                  the validation splits of CIFAR-10 and Fashion-MNIST: it beat
+    #                                  the element mean at IPC 1 on both (CIFAR-10 codes 1/4 48.97
+    #                                  against 47.03, Fashion-MNIST codes 1/2 80.49 against 78.69,
+    #                                  3 seeds), at Fashion-MNIST IPC 10 (84.71 against 83.15) and on
+    #                                  a dataset kept out of the repository (93.3 against 89.50). At
+    #                                  beta 1e-5 the sum leaves the projection term pulling with ~1e-4
+    #                                  of L_DM's force (the logged 'pull'); the element mean makes it
+    #                                  ~1, which gained only at CIFAR-10 codes 1/2 (BENCHMARKS.md).
 
     def __post_init__(self):
         if self.dm_reduction not in DM_REDUCTIONS:
